@@ -1,0 +1,29 @@
+// Registers spiel's CUDA kernels as private ops in the `spiel` namespace. The public ops
+// (spiel::merge_delta, ...) are declared in Python (spiel/ops/*.py) and dispatch to these when the
+// "cuda" backend is selected.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include "spiel.h"
+
+TORCH_LIBRARY_FRAGMENT(spiel, m) {
+  m.def("_cuda_merge_delta(Tensor weight, Tensor indices, Tensor values, Tensor(a!) out) -> ()");
+  m.def(
+      "_cuda_nf4_dequantize_add_delta(Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, float nested_offset, int blocksize, Tensor indices, Tensor values, "
+      "Tensor(a!) out) -> ()");
+  m.def("_cuda_nf4_quantize(Tensor weight, int blocksize) -> (Tensor, Tensor)");
+  m.def(
+      "_cuda_sddmm(Tensor grad_output, Tensor input, Tensor indices, int out_features, "
+      "int in_features, Tensor? plan) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
+  m.impl("_cuda_merge_delta", &spiel::merge_delta_cuda);
+  m.impl("_cuda_nf4_dequantize_add_delta", &spiel::nf4_dequantize_add_delta_cuda);
+  m.impl("_cuda_nf4_quantize", &spiel::nf4_quantize_cuda);
+  m.impl("_cuda_sddmm", &spiel::sddmm_cuda);
+}
+
+// `import spiel._C` loads the library (and with it the registrations above).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "spiel CUDA kernels (registered as torch ops)"; }

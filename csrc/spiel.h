@@ -1,0 +1,29 @@
+// Declarations of spiel's CUDA entry points. Each is registered in bindings.cpp as a private op
+// `spiel::_cuda_<name>` for the CUDA dispatch key; spiel/ops/backends/cuda.py plugs them into the
+// Python dispatch. Arguments arrive validated (see ARCHITECTURE.md, "Kernel contract").
+#pragma once
+#include <optional>
+#include <tuple>
+#include <ATen/ATen.h>
+
+namespace spiel {
+
+// out.flat[i] = weight.flat[i] + values[j] where indices[j] == i (fp32 add, one rounding).
+void merge_delta_cuda(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,
+                      at::Tensor& out);
+
+// out = NF4-dequantize(packed, absmax[, nested]) + scatter(indices, values), in one pass.
+void nf4_dequantize_add_delta_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& nested_code, double nested_offset,
+                                   int64_t blocksize, const at::Tensor& indices,
+                                   const at::Tensor& values, at::Tensor& out);
+
+// Blockwise NF4 quantization (bitsandbytes layout): returns (packed uint8 [n/2], absmax fp32 [nblocks]).
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, int64_t blocksize);
+
+// result[j] = sum_t grad_output[t, r_j] * input[t, c_j] (fp32), r_j/c_j from indices[j].
+at::Tensor sddmm_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
+                      int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& plan);
+
+}  // namespace spiel

@@ -1,0 +1,35 @@
+"""spiel's functional ops. Each is a ``torch.library`` op (namespace ``spiel``) with a pure-PyTorch reference,
+and Triton / CUDA kernels where available, chosen by :func:`set_backend` (default ``"auto"``).
+
+==============================  =================================================================
+``merge_delta``                 W + scatter(indices, values), optionally into ``out=``
+``nf4_quantize``                bf16/fp16/fp32 weight -> :class:`spiel.quant.NF4Weight` (bnb layout)
+``nf4_dequantize``              NF4Weight -> dense
+``nf4_dequantize_add_delta``    NF4Weight + scatter(indices, values) in one pass
+``sddmm`` / ``sddmm_plan``      (grad_output^T @ input) at flat indices only, fp32
+``sparse_delta_linear``         the layer: autograd for input, values, bias (and candidates)
+``topk_abs`` / ``topk_outer``   deterministic top-k (ties by position), outer product never formed
+==============================  =================================================================
+"""
+from ._dispatch import (
+    AUTO_ORDER,
+    BACKENDS,
+    backend_info,
+    get_backend,
+    set_backend,
+    set_validation,
+    use_backend,
+    validation_enabled,
+)
+from .merge import merge_delta
+from .nf4 import nf4_dequantize, nf4_dequantize_add_delta, nf4_quantize
+from .sddmm import sddmm, sddmm_plan
+from .linear import sparse_delta_linear, effective_weight
+from .topk import topk_abs, topk_outer
+from . import backends  # noqa: F401  (registers the kernels)
+
+__all__ = [
+    "AUTO_ORDER", "BACKENDS", "backend_info", "get_backend", "set_backend", "set_validation", "use_backend",
+    "validation_enabled", "merge_delta", "nf4_dequantize", "nf4_dequantize_add_delta", "nf4_quantize", "sddmm",
+    "sddmm_plan", "sparse_delta_linear", "effective_weight", "topk_abs", "topk_outer",
+]

@@ -1,0 +1,33 @@
+"""Kernel backends. Importing this package registers every available backend with the dispatch."""
+import importlib
+import os
+
+from .._dispatch import mark_available, mark_unavailable
+from . import reference  # noqa: F401
+
+
+def _load_triton() -> None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # triton is optional
+        mark_unavailable("triton", f"triton is not importable: {exc}")
+        return
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        mark_unavailable("triton", "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)")
+    else:
+        mark_available("triton")
+    importlib.import_module(".triton", __name__)
+
+
+def _load_cuda() -> None:
+    module = importlib.import_module(".cuda", __name__)
+    if module.AVAILABLE:
+        mark_available("cuda")
+    else:
+        mark_unavailable("cuda", module.REASON)
+
+
+_load_triton()
+_load_cuda()

@@ -1,0 +1,132 @@
+"""The sparse-delta linear layer as a thin autograd function over spiel's ops.
+
+Forward: ``y = x @ (W + scatter(indices, values))^T + bias`` with the merged weight built by
+``merge_delta`` (or the fused NF4 dequantize + delta) and freed right after the GEMM. Backward rebuilds it
+for ``grad_input`` and takes the delta gradient with ``sddmm`` at the active indices (and candidate
+indices, in the same launch) -- no out x in tensor lives between forward and backward.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.nf4 import NF4Weight
+from ._validate import WEIGHT_DTYPES, check_indices, check_same_device, check_tensor
+
+WeightLike = Union[torch.Tensor, NF4Weight]
+
+
+def effective_weight(weight: WeightLike, indices: torch.Tensor, values: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """``W + scatter(indices, values)`` in ``dtype`` (one fused op for NF4 weights)."""
+    if isinstance(weight, NF4Weight):
+        return torch.ops.spiel.nf4_dequantize_add_delta(*weight.op_args(), dtype, indices, values)
+    merged = torch.ops.spiel.merge_delta(weight, indices, values)
+    return merged if merged.dtype == dtype else merged.to(dtype)
+
+
+class _SparseDeltaLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, indices, values, bias, candidates, candidate_values, plan, probe):
+        merged = effective_weight(weight, indices, values, input.dtype)
+        output = F.linear(input, merged, None if bias is None else bias.to(input.dtype))
+        del merged  # freed here: backward rebuilds it
+        ctx.weight = weight  # a reference to the frozen weight, no copy
+        ctx.probe = probe
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.has_candidates = candidates is not None
+        ctx.save_for_backward(input, indices, values, candidates, plan)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, indices, values, candidates, plan = ctx.saved_tensors
+        weight = ctx.weight
+        out_features = grad_output.shape[-1]
+        in_features = input.shape[-1]
+        go = grad_output.reshape(-1, out_features)
+        if not go.is_contiguous():
+            go = go.contiguous()
+        x = input.reshape(-1, in_features)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        need_input, _, _, need_values, need_bias, _, need_candidates, _, _ = ctx.needs_input_grad
+        grad_input = grad_values = grad_bias = grad_candidates = None
+        if need_input:
+            merged = effective_weight(weight, indices, values, go.dtype)
+            grad_input = (go @ merged).view(input.shape)
+            del merged
+        if need_values or need_candidates:
+            if ctx.has_candidates and need_candidates:
+                k = indices.shape[0]
+                both = torch.cat([indices, candidates.to(indices.dtype)])
+                grads = torch.ops.spiel.sddmm(go, x, both, out_features, in_features, plan)
+                grad_values = grads[:k].to(values.dtype) if need_values else None
+                grad_candidates = grads[k:]
+            else:
+                grads = torch.ops.spiel.sddmm(go, x, indices, out_features, in_features,
+                                              None if ctx.has_candidates else plan)
+                grad_values = grads.to(values.dtype)
+        if need_bias:
+            grad_bias = go.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        if ctx.probe is not None:
+            ctx.probe(go, x)
+        return grad_input, None, None, grad_values, grad_bias, None, grad_candidates, None, None
+
+
+def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.Tensor, values: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, *, candidates: Optional[torch.Tensor] = None,
+                        candidate_values: Optional[torch.Tensor] = None, plan: Optional[torch.Tensor] = None,
+                        probe: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+                        validate: Optional[bool] = None) -> torch.Tensor:
+    """``input @ (W + scatter(indices, values))^T + bias`` with autograd for input, values and bias.
+
+    Args:
+        input: [..., in] bf16/fp16/fp32 (the compute dtype; under autocast, the autocast dtype).
+        weight: frozen [out, in] tensor or :class:`spiel.quant.NF4Weight` (never receives a gradient).
+        indices: [k] int32/int64 sorted unique flat positions; values: [k] deltas (gradient in its dtype).
+        bias: optional [out].
+        candidates / candidate_values: optional [c] sorted positions disjoint from ``indices`` and an fp32
+            [c] leaf requiring grad: its ``.grad`` receives the delta gradient at the candidates (SpIEL-AG),
+            computed in the same ``sddmm`` launch as the values' gradient.
+        plan: optional ``sddmm_plan`` of ``indices`` (or of ``cat(indices, candidates)`` when candidates
+            are given).
+        probe: optional callable ``probe(grad_output_2d, input_2d)`` run once in backward (candidate
+            selection).
+        validate: check index values (a host sync); default: ``spiel.ops.set_validation``'s setting.
+
+    Saved for backward: input, indices, values (and candidates, plan) plus a reference to the frozen
+    weight. The merged weight is rebuilt in backward, never kept.
+    """
+    check_tensor("input", input, dtypes=WEIGHT_DTYPES)
+    if isinstance(weight, NF4Weight):
+        out_features, in_features = weight.shape
+        device = weight.device
+    elif isinstance(weight, torch.Tensor):
+        check_tensor("weight", weight, dtypes=WEIGHT_DTYPES, ndim=2)
+        out_features, in_features = weight.shape
+        device = weight.device
+    else:
+        raise TypeError(f"weight must be a torch.Tensor or spiel.quant.NF4Weight, got {type(weight).__name__}")
+    if input.shape[-1] != in_features:
+        raise ValueError(f"input must have last dimension {in_features} (in_features), got {tuple(input.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=WEIGHT_DTYPES, ndim=1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must have {out_features} elements, got {bias.shape[0]}")
+    check_same_device(input=input, indices=indices, values=values, bias=bias, candidates=candidates)
+    if input.device != device:
+        raise ValueError(f"input is on {input.device} but weight is on {device}")
+    check_indices(indices, values, out_features * in_features, validate=validate)
+    if candidates is not None:
+        if candidate_values is None or candidate_values.shape != candidates.shape:
+            raise ValueError("candidate_values must be given with candidates, of the same length")
+        check_indices(candidates, None, out_features * in_features, name="candidates", validate=validate)
+    if torch.is_autocast_enabled(input.device.type) and input.is_floating_point():
+        input = input.to(torch.get_autocast_dtype(input.device.type))
+    with torch.autocast(input.device.type, enabled=False):
+        return _SparseDeltaLinearFn.apply(input, weight, indices, values, bias, candidates, candidate_values,
+                                          plan, probe)
