@@ -9,9 +9,11 @@
 #include <cuda_runtime.h>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream header (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers that a
+// minimal toolkit may lack); c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream is.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 namespace spiel {
 

@@ -345,7 +345,7 @@ void merge_delta_cuda(const at::Tensor& weight, const at::Tensor& indices, const
   const int64_t k = indices.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(weight.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = is_aligned16(weight.data_ptr()) && is_aligned16(out.data_ptr());
   SPIEL_DISPATCH_FLOAT(weight.scalar_type(), T, what, [&] {
     SPIEL_DISPATCH_FLOAT(values.scalar_type(), V, what, [&] {
@@ -399,7 +399,7 @@ void nf4_dequantize_add_delta_cuda(const at::Tensor& packed, const at::Tensor& a
   }
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = is_aligned16(packed.data_ptr()) && is_aligned16(out.data_ptr());
   const int64_t grid = ceil_div(n, kNf4Chunk);
   SPIEL_DISPATCH_FLOAT(out.scalar_type(), T, what, [&] {
@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   auto absmax = at::empty({nblocks}, weight.options().dtype(at::kFloat));
   if (n == 0) return {packed, absmax};
   const c10::cuda::CUDAGuard guard(weight.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = is_aligned16(weight.data_ptr()) && is_aligned16(packed.data_ptr());
   const int64_t grid = ceil_div(n, kQChunk);
   SPIEL_DISPATCH_FLOAT(weight.scalar_type(), T, what, [&] {

@@ -16,6 +16,7 @@ from ..quant.nf4 import NF4Weight
 from ._validate import WEIGHT_DTYPES, check_indices, check_same_device, check_tensor
 
 WeightLike = Union[torch.Tensor, NF4Weight]
+_DTYPES = WEIGHT_DTYPES + (torch.float64,)  # float64 runs on the reference backend (gradcheck)
 
 
 def effective_weight(weight: WeightLike, indices: torch.Tensor, values: torch.Tensor,
@@ -101,12 +102,12 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
     Saved for backward: input, indices, values (and candidates, plan) plus a reference to the frozen
     weight. The merged weight is rebuilt in backward, never kept.
     """
-    check_tensor("input", input, dtypes=WEIGHT_DTYPES)
+    check_tensor("input", input, dtypes=_DTYPES)
     if isinstance(weight, NF4Weight):
         out_features, in_features = weight.shape
         device = weight.device
     elif isinstance(weight, torch.Tensor):
-        check_tensor("weight", weight, dtypes=WEIGHT_DTYPES, ndim=2)
+        check_tensor("weight", weight, dtypes=_DTYPES, ndim=2)
         out_features, in_features = weight.shape
         device = weight.device
     else:
@@ -114,13 +115,14 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
     if input.shape[-1] != in_features:
         raise ValueError(f"input must have last dimension {in_features} (in_features), got {tuple(input.shape)}")
     if bias is not None:
-        check_tensor("bias", bias, dtypes=WEIGHT_DTYPES, ndim=1)
+        check_tensor("bias", bias, dtypes=_DTYPES, ndim=1)
         if bias.shape[0] != out_features:
             raise ValueError(f"bias must have {out_features} elements, got {bias.shape[0]}")
     check_same_device(input=input, indices=indices, values=values, bias=bias, candidates=candidates)
     if input.device != device:
         raise ValueError(f"input is on {input.device} but weight is on {device}")
-    check_indices(indices, values, out_features * in_features, validate=validate)
+    check_indices(indices, values, out_features * in_features, reference=input.dtype == torch.float64,
+                  validate=validate)
     if candidates is not None:
         if candidate_values is None or candidate_values.shape != candidates.shape:
             raise ValueError("candidate_values must be given with candidates, of the same length")

@@ -37,9 +37,9 @@ def dynamic_code() -> torch.Tensor:
     exponents = 7
     for e in range(exponents):
         grid = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
-        mids = ((grid[:-1] + grid[1:]) / 2.0).tolist()
+        mids = (grid[:-1] + grid[1:]) / 2.0
         scale = 10 ** (-(exponents - 1) + e)
-        values += [scale * m for m in mids] + [-scale * m for m in mids]
+        values += (scale * mids).tolist() + (-scale * mids).tolist()  # products rounded in fp32
     values += [0.0, 1.0]
     values += [0.0] * (256 - len(values))
     return torch.tensor(sorted(values), dtype=torch.float32)

@@ -1,9 +1,56 @@
-"""CUDA kernels from the compiled extension ``spiel._C`` (backend "cuda")."""
+"""CUDA kernels from the compiled extension ``spiel._C`` (backend "cuda").
+
+Importing ``spiel._C`` loads the library, which registers the private ops ``torch.ops.spiel._cuda_*``
+(csrc/bindings.cpp). This module never fails: without the extension ``AVAILABLE`` is False and ``REASON``
+says why (shown by ``spiel.ops.backend_info()``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import register_kernel
+
 AVAILABLE = False
 REASON = "spiel._C is not built"
+
 try:
     import spiel._C  # noqa: F401
 except Exception as exc:  # the extension is optional
-    REASON = f"spiel._C could not be imported ({exc}); build with `pip install --no-build-isolation -e .`"
+    REASON = (f"spiel._C could not be imported ({type(exc).__name__}: {exc}); build it with "
+              "`pip install --no-build-isolation -e .` (needs a CUDA toolkit; see setup.py)")
 else:
-    AVAILABLE = True
+    if not hasattr(torch.ops.spiel, "_cuda_merge_delta"):
+        REASON = "spiel._C was imported but registered no _cuda_* ops"
+    else:
+        AVAILABLE = True
+        REASON = ""
+
+
+def _fp32_if_double(values: torch.Tensor) -> torch.Tensor:
+    # the kernels take fp32/bf16/fp16 values; fp64 (allowed by the reference) is rounded to fp32 first,
+    # which is what the contract's fp32(values[j]) does anyway
+    return values.float() if values.dtype == torch.float64 else values
+
+
+if AVAILABLE:
+    _ops = torch.ops.spiel
+
+    @register_kernel("merge_delta", "cuda")
+    def merge_delta(weight, indices, values, out) -> None:
+        _ops._cuda_merge_delta(weight, indices, _fp32_if_double(values), out)
+
+    @register_kernel("nf4_dequantize_add_delta", "cuda")
+    def nf4_dequantize_add_delta(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                 indices, values, out) -> None:
+        _ops._cuda_nf4_dequantize_add_delta(packed, absmax, nested_absmax, nested_code, float(nested_offset),
+                                            int(blocksize), indices, _fp32_if_double(values), out)
+
+    @register_kernel("nf4_quantize", "cuda")
+    def nf4_quantize(weight, blocksize):
+        return _ops._cuda_nf4_quantize(weight, int(blocksize))
+
+    if hasattr(_ops, "_cuda_sddmm"):
+
+        @register_kernel("sddmm", "cuda")
+        def sddmm(grad_output, input, indices, out_features, in_features, plan):
+            return _ops._cuda_sddmm(grad_output, input, indices, int(out_features), int(in_features), plan)

@@ -1,0 +1,571 @@
+"""``SparseDeltaLinear``: a frozen linear layer plus a trainable sparse delta (SpIEL).
+
+The effective weight is ``W + scatter(indices, values)``: ``W`` [out, in] is frozen (a dense tensor, a
+bitsandbytes ``Params4bit`` NF4 weight or a :class:`spiel.quant.NF4Weight`), ``indices`` [k] are sorted unique
+flat row-major positions and ``values`` [k] the trainable deltas. The forward is
+:func:`spiel.ops.sparse_delta_linear` (no host sync, no out x in tensor kept for backward).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import operator
+import sys
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..quant.nf4 import NF4Weight
+
+__all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit"]
+
+INT32_LIMIT = 2**31 - 1
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# out*in up to this size: exact sampling with torch.randperm (cheap); above, sample with replacement + unique
+_RANDPERM_LIMIT = 1 << 22
+_NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_nested_code")
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 when every flat position of an ``numel``-element weight fits in int32, else int64."""
+    return torch.int32 if numel <= INT32_LIMIT else torch.int64
+
+
+def _bnb_linear4bit_cls():
+    """bitsandbytes' ``Linear4bit`` if bitsandbytes is imported (a Linear4bit cannot exist otherwise)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    try:
+        return bnb.nn.Linear4bit
+    except AttributeError:  # partially imported
+        return None
+
+
+def is_bnb_linear4bit(module) -> bool:
+    cls = _bnb_linear4bit_cls()
+    return cls is not None and isinstance(module, cls)
+
+
+def _is_params4bit(tensor) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(tensor, getattr(bnb.nn, "Params4bit", ()))
+
+
+def resolve_num_deltas(numel: int, num_deltas=None, density=None, *, name: str = "layer") -> int:
+    """The number of deltas k of a weight of ``numel`` elements from exactly one of ``num_deltas``/``density``.
+
+    ``density`` must be in (0, 1]; k = round(density * numel), at least 1. ``num_deltas`` must be an integer in
+    [0, numel].
+    """
+    if (num_deltas is None) == (density is None):
+        raise ValueError(f"{name}: give exactly one of num_deltas= or density=")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise TypeError(f"{name}: density must be a float in (0, 1], got {type(density).__name__}")
+        density = float(density)
+        if not (0.0 < density <= 1.0) or math.isnan(density):
+            raise ValueError(f"{name}: density must be in (0, 1], got {density}")
+        return max(1, min(numel, int(round(density * numel))))
+    if isinstance(num_deltas, bool):
+        raise TypeError(f"{name}: num_deltas must be an integer, got bool")
+    try:
+        k = operator.index(num_deltas)
+    except TypeError:
+        raise TypeError(f"{name}: num_deltas must be an integer, got {type(num_deltas).__name__}") from None
+    if k < 0:
+        raise ValueError(f"{name}: num_deltas must be >= 0, got {k}")
+    if k > numel:
+        raise ValueError(f"{name}: num_deltas={k} is more than the weight's {numel} elements")
+    return k
+
+
+def random_indices(numel: int, k: int, *, generator: Optional[torch.Generator] = None,
+                   device=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``k`` sorted flat positions drawn uniformly without replacement from ``range(numel)``.
+
+    Never materialises ``numel`` elements when it is large: small weights use ``torch.randperm``; large ones
+    draw with replacement, keep the unique positions and top up until there are at least k (the set of
+    distinct draws is exchangeable, so a uniform random k-subset of it is a uniform k-subset of the range);
+    when k > numel / 2 the complement is sampled instead. Sampling runs on the generator's device (CPU by
+    default) and the result is moved to ``device``.
+    """
+    if not 0 <= k <= numel:
+        raise ValueError(f"k must be in [0, {numel}], got {k}")
+    dtype = dtype or index_dtype_for(numel)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if k == 0:
+        idx = torch.empty(0, dtype=torch.int64, device=gen_device)
+    elif numel <= _RANDPERM_LIMIT:
+        idx = torch.randperm(numel, generator=generator, device=gen_device)[:k].sort().values
+    elif 2 * k <= numel:
+        idx = _sample_sparse(numel, k, generator, gen_device)
+    else:  # dense pick: sample the (smaller) complement; the result itself is already Theta(numel)
+        drop = _sample_sparse(numel, numel - k, generator, gen_device)
+        keep = torch.ones(numel, dtype=torch.bool, device=gen_device)
+        keep[drop] = False
+        idx = keep.nonzero().view(-1)
+    return idx.to(device=device if device is not None else gen_device, dtype=dtype)
+
+
+def _sample_sparse(numel: int, k: int, generator, device) -> torch.Tensor:
+    chosen = torch.empty(0, dtype=torch.int64, device=device)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        draw = torch.randint(numel, (need + need // 8 + 16,), generator=generator, device=device, dtype=torch.int64)
+        chosen = torch.unique(torch.cat([chosen, draw]))
+    if chosen.numel() > k:
+        pick = torch.randperm(chosen.numel(), generator=generator, device=device)[:k]
+        chosen = chosen[pick].sort().values
+    return chosen
+
+
+def check_index_values(indices: torch.Tensor, numel: int, *, what: str = "indices") -> None:
+    """Full check of an index tensor (1-D integer, in range, strictly increasing). A host sync: call it once
+    per index update, never in forward."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{what} must be an integer tensor (int32/int64), got {indices.dtype}")
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= numel:
+        raise ValueError(f"{what} must be in [0, {numel}) (the weight's number of elements), got values in [{lo}, {hi}]")
+    if indices.numel() > 1:
+        steps = indices[1:].long() - indices[:-1].long()
+        if bool((steps < 0).any()):
+            raise ValueError(f"{what} must be sorted in ascending order")
+        if bool((steps == 0).any()):
+            raise ValueError(f"{what} must be unique, found duplicates")
+
+
+def _kaiming_init_(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    # nn.Linear.reset_parameters
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight.shape[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def _checked_params4bit(linear):
+    """The ``Params4bit`` of a bitsandbytes ``Linear4bit``, checked to be quantized NF4 in bnb's plain layout."""
+    w = linear.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None and getattr(linear, "quant_state", None) is not None:
+        qs = w.quant_state = linear.quant_state
+    if qs is None or not getattr(w, "bnb_quantized", True):
+        raise ValueError("the bitsandbytes Linear4bit is not quantized yet: move it to its device first "
+                         "(bitsandbytes quantizes on .to(device) / .cuda())")
+    if getattr(qs, "quant_type", "nf4") != "nf4":
+        raise ValueError(f"only NF4 Linear4bit layers are supported, got quant_type={qs.quant_type!r}")
+    if getattr(qs, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU inference repacks the weight on first forward: undo it (bnb's own inverse)
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+        linear.quant_state = w.quant_state
+    return w
+
+
+class SparseDeltaLinear(nn.Linear):
+    """A drop-in :class:`torch.nn.Linear` whose frozen weight carries a trainable sparse delta.
+
+    ``y = x @ (W + scatter(indices, values))^T + bias``.
+
+    Args:
+        in_features, out_features, bias: as :class:`torch.nn.Linear` (the weight is initialised as
+            ``nn.Linear`` does, and frozen).
+        num_deltas | density: the number of trainable deltas k (exactly one; density in (0, 1],
+            k = round(density * out * in), at least 1).
+        device, dtype: of the weight and bias.
+        values_dtype: dtype of ``values`` (fp32 default; bf16/fp16 allowed).
+        generator: ``torch.Generator`` for the initial indices (uniform without replacement).
+
+    Attributes (the layer contract, see ARCHITECTURE.md):
+        weight: frozen ``nn.Parameter`` [out, in]; for an NF4 base the bitsandbytes ``Params4bit`` (state_dict
+            compatible with ``Linear4bit``) or the :class:`spiel.quant.NF4Weight` itself.
+        bias: ``nn.Parameter`` [out] or None.
+        indices: buffer [k] int32 (int64 when out*in >= 2**31), sorted, unique.
+        values: ``nn.Parameter`` [k], initially 0.
+        candidates / candidate_values: AG candidates (see :meth:`set_candidates`), else None.
+        gradient_probe: None or ``probe(layer, grad_output_2d, input_2d)`` called in backward.
+        sddmm_plan: non-persistent buffer, plan of ``indices`` (or ``cat(indices, candidates)``).
+
+    state_dict: ``weight`` and ``bias`` under ``nn.Linear``'s keys (plus bitsandbytes' ``weight.*`` quant-state
+    keys for a ``Linear4bit`` base, or ``weight_packed``/``weight_absmax``/... for a spiel ``NF4Weight`` base),
+    ``indices`` and ``values``. Loading ``indices``/``values`` with a different k *resizes* the layer (both
+    must have the same length; indices are validated; ``values`` keeps its Parameter identity but its
+    optimizer state, if any, no longer fits: build the optimizer after loading).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_deltas: Optional[int] = None,
+                 density: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
+                 values_dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> None:
+        nn.Module.__init__(self)
+        in_features, out_features = int(in_features), int(out_features)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        k = resolve_num_deltas(in_features * out_features, num_deltas, density, name="SparseDeltaLinear")
+        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        b = torch.empty(out_features, device=device, dtype=dtype) if bias else None
+        _kaiming_init_(weight, b)
+        self._setup_base(in_features, out_features, nn.Parameter(weight, requires_grad=False),
+                         None if b is None else nn.Parameter(b))
+        self._setup_deltas(k, values_dtype, generator)
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear, num_deltas: Optional[int] = None, *, density: Optional[float] = None,
+                    values_dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
+                    bias: Optional[torch.Tensor] = None) -> "SparseDeltaLinear":
+        """Wrap an existing layer, sharing its weight storage (no copy).
+
+        Args:
+            linear: an ``nn.Linear`` (its ``weight``/``bias`` Parameters are shared and the weight is frozen),
+                a bitsandbytes ``Linear4bit`` with ``quant_type="nf4"`` (its NF4 weight is used as is, never
+                re-quantized; the ``Params4bit`` stays the module's ``weight``), or a
+                :class:`spiel.quant.NF4Weight` (then ``bias=`` may give a bias tensor).
+            num_deltas | density: k, as in the constructor.
+            values_dtype, generator: as in the constructor.
+        """
+        if isinstance(linear, SparseDeltaLinear):
+            raise TypeError("from_linear got a SparseDeltaLinear: it already has deltas")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        if isinstance(linear, NF4Weight):
+            out_f, in_f = linear.shape
+            if bias is not None and not isinstance(bias, nn.Parameter):
+                bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+            self._setup_base(in_f, out_f, linear, bias)
+        elif is_bnb_linear4bit(linear):
+            if bias is not None:
+                raise TypeError("bias= is only for an NF4Weight input")
+            self._setup_base(linear.in_features, linear.out_features, _checked_params4bit(linear), linear.bias)
+        elif isinstance(linear, nn.Linear):
+            if bias is not None:
+                raise TypeError("bias= is only for an NF4Weight input")
+            w = linear.weight
+            if not isinstance(w, torch.Tensor) or _is_params4bit(w) or w.dtype not in _FLOAT_DTYPES or w.dim() != 2:
+                raise TypeError(
+                    f"from_linear supports nn.Linear with a bf16/fp16/fp32 weight, bitsandbytes Linear4bit (nf4) or "
+                    f"spiel NF4Weight; got {type(linear).__name__} with weight {type(w).__name__} of dtype "
+                    f"{getattr(w, 'dtype', None)}")
+            self._setup_base(linear.in_features, linear.out_features, w, linear.bias)
+        else:
+            raise TypeError(f"from_linear expects nn.Linear, bitsandbytes Linear4bit or spiel NF4Weight, "
+                            f"got {type(linear).__name__}")
+        k = resolve_num_deltas(self.in_features * self.out_features, num_deltas, density,
+                               name=f"SparseDeltaLinear.from_linear({type(linear).__name__})")
+        self._setup_deltas(k, values_dtype, generator)
+        if isinstance(linear, nn.Module):
+            # kept (unregistered) so spiel.nn.restore can put the very same module back
+            self.__dict__["_spiel_original"] = linear
+        return self
+
+    def _setup_base(self, in_features: int, out_features: int, weight, bias) -> None:
+        self.in_features = in_features
+        self.out_features = out_features
+        self.__dict__["_spiel_original"] = None
+        self.__dict__["_nf4"] = None
+        self.__dict__["_nf4_meta"] = None
+        if isinstance(weight, NF4Weight):
+            self._base_kind = "nf4"
+            self.register_buffer("weight_packed", weight.packed)
+            self.register_buffer("weight_absmax", weight.absmax)
+            self.register_buffer("weight_nested_absmax", weight.nested_absmax)
+            self.register_buffer("weight_nested_code", weight.nested_code)
+            self.__dict__["_nf4_meta"] = (tuple(weight.shape), weight.blocksize, weight.dtype, weight.nested_offset)
+            self.__dict__["_spiel_weight_requires_grad"] = False
+        else:
+            self._base_kind = "bnb" if _is_params4bit(weight) else "dense"
+            if not isinstance(weight, nn.Parameter):
+                weight = nn.Parameter(weight, requires_grad=False)
+            self.__dict__["_spiel_weight_requires_grad"] = weight.requires_grad
+            weight.requires_grad_(False)
+            self.weight = weight
+        self.bias = bias
+        self._refresh_nf4()
+
+    def _setup_deltas(self, k: int, values_dtype: torch.dtype, generator) -> None:
+        if values_dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"values_dtype must be one of float32, bfloat16, float16, got {values_dtype}")
+        device = self.weight.device
+        numel = self.in_features * self.out_features
+        self.register_buffer("indices", random_indices(numel, k, generator=generator, device=device))
+        self.values = nn.Parameter(torch.zeros(k, dtype=values_dtype, device=device))
+        self.register_buffer("candidates", None, persistent=False)
+        self.candidate_values: Optional[torch.Tensor] = None
+        self.gradient_probe: Optional[Callable] = None
+        self.register_buffer("sddmm_plan", None, persistent=False)
+        # the k original weight entries while merged in place (see merge_), else None
+        self.register_buffer("merge_saved", None, persistent=False)
+        self._rebuild_plan()
+
+    def _refresh_nf4(self) -> None:
+        """(Re)build the NF4Weight view used for compute after the storage moved (``.to``) or was loaded."""
+        if self._base_kind == "bnb":
+            w = self.weight
+            qs = w.quant_state
+            if qs.absmax.device != w.device:
+                qs.to(w.device)
+            self.__dict__["_nf4"] = NF4Weight.from_bnb(w)
+        elif self._base_kind == "nf4":
+            shape, blocksize, dtype, offset = self._nf4_meta
+            nf4 = NF4Weight(self.weight_packed, self.weight_absmax, shape, blocksize, dtype,
+                            self.weight_nested_absmax, self.weight_nested_code, offset)
+            self.__dict__["_nf4"] = nf4
+            self.__dict__["weight"] = nf4
+
+    # ---- properties -------------------------------------------------------------------------------------
+    @property
+    def num_deltas(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def density(self) -> float:
+        return self.indices.numel() / (self.in_features * self.out_features)
+
+    @property
+    def is_quantized(self) -> bool:
+        """True for an NF4 base (bitsandbytes or spiel)."""
+        return self._base_kind != "dense"
+
+    @property
+    def merged(self) -> bool:
+        """True while the delta is merged into a dense weight in place (see :meth:`merge_`)."""
+        return self.merge_saved is not None
+
+    @property
+    def compute_weight(self):
+        """What the op computes with: the dense weight or the :class:`NF4Weight` view."""
+        return self._nf4 if self._nf4 is not None else self.weight
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self._nf4.dtype if self._nf4 is not None else self.weight.dtype
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.merge_saved is not None:  # merged in place: the weight already holds W + delta (inference)
+            return F.linear(input, self.weight, self.bias)
+        probe = self.gradient_probe
+        return ops.sparse_delta_linear(
+            input, self.compute_weight, self.indices, self.values, self.bias,
+            candidates=self.candidates, candidate_values=self.candidate_values, plan=self.sddmm_plan,
+            probe=None if probe is None else functools.partial(probe, self), validate=False)
+
+    def extra_repr(self) -> str:
+        base = "nf4(bnb)" if self._base_kind == "bnb" else ("nf4" if self._base_kind == "nf4" else str(self.weight.dtype).replace("torch.", ""))
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"num_deltas={self.num_deltas}, density={self.density:.4g}, weight={base}, "
+             f"values_dtype={str(self.values.dtype).replace('torch.', '')}")
+        if self.candidates is not None:
+            s += f", candidates={self.candidates.numel()}"
+        if self.merged:
+            s += ", merged=True"
+        return s
+
+    def reset_parameters(self) -> None:
+        """Zero the deltas (the frozen base weight and the bias are left untouched)."""
+        if "values" in self._parameters:
+            with torch.no_grad():
+                self.values.zero_()
+
+    # ---- index updates (the layer contract) ------------------------------------------------------------
+    def _rebuild_plan(self) -> None:
+        idx = self.indices if self.candidates is None else torch.cat([self.indices, self.candidates])
+        self.sddmm_plan = ops.sddmm_plan(idx, self.out_features, self.in_features)
+
+    def _normalise_indices(self, indices: torch.Tensor, what: str) -> torch.Tensor:
+        numel = self.in_features * self.out_features
+        check_index_values(indices, numel, what=what)
+        return indices.detach().to(device=self.indices.device, dtype=index_dtype_for(numel)).contiguous()
+
+    def _overlap(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether sorted ``a`` and sorted ``b`` share an element (host sync)."""
+        if a.numel() == 0 or b.numel() == 0:
+            return False
+        pos = torch.searchsorted(a, b).clamp_(max=a.numel() - 1)
+        return bool((a[pos] == b).any())
+
+    @torch.no_grad()
+    def set_indices(self, indices: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+        """Replace the active indices (and values) in place; rebuild ``sddmm_plan``.
+
+        ``indices`` is validated once here (1-D integer, sorted, unique, in range: a host sync) and stored as
+        int32/int64 by the weight size. ``values`` (same length; cast to ``values.dtype``) defaults to: the
+        current value at positions that stay active, 0 at new ones. ``values`` keeps its Parameter identity
+        (``.data`` replaced) and its ``.grad`` is reset to None. Fails while merged, and when candidates are
+        set that the new indices overlap (call :meth:`clear_candidates` first).
+        """
+        if self.merged:
+            raise RuntimeError("set_indices on a merged SparseDeltaLinear: unmerge it first")
+        idx = self._normalise_indices(indices, "indices")
+        k = idx.numel()
+        old_vals = self.values.data
+        if values is None:
+            new_vals = torch.zeros(k, dtype=old_vals.dtype, device=old_vals.device)
+            old = self.indices
+            if old.numel() and k:
+                pos = torch.searchsorted(old, idx).clamp_(max=old.numel() - 1)
+                keep = old[pos] == idx
+                new_vals = torch.where(keep, old_vals[pos], new_vals)
+        else:
+            if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+                raise TypeError(f"values must be a floating-point tensor, got {getattr(values, 'dtype', type(values))}")
+            if values.dim() != 1 or values.numel() != k:
+                raise ValueError(f"values must be 1-D with {k} elements (one per index), got shape {tuple(values.shape)}")
+            new_vals = torch.empty(k, dtype=old_vals.dtype, device=old_vals.device)
+            new_vals.copy_(values.detach())
+        if self.candidates is not None and self._overlap(idx, self.candidates):
+            raise ValueError("the new indices overlap the current candidates: call clear_candidates() first")
+        if idx.shape == self.indices.shape:
+            self.indices.copy_(idx)  # same tensor: no recompilation under torch.compile
+            self.values.data.copy_(new_vals)
+        else:
+            self.indices = idx
+            self.values.data = new_vals
+        self.values.grad = None
+        self._rebuild_plan()
+
+    @torch.no_grad()
+    def set_candidates(self, candidates: torch.Tensor) -> None:
+        """Start accumulating the delta gradient at ``candidates`` (sorted, unique, disjoint from ``indices``).
+
+        Creates ``candidate_values``: an fp32 [c] zero leaf requiring grad (not a Parameter) whose ``.grad``
+        receives the gradient at the candidates on every backward until :meth:`clear_candidates`.
+        """
+        cand = self._normalise_indices(candidates, "candidates")
+        if self._overlap(self.indices, cand):
+            raise ValueError("candidates must be disjoint from the active indices")
+        self.candidates = cand
+        self.candidate_values = torch.zeros(cand.numel(), dtype=torch.float32, device=cand.device, requires_grad=True)
+        self._rebuild_plan()
+
+    @torch.no_grad()
+    def clear_candidates(self) -> None:
+        """Drop the candidates (and ``candidate_values`` with its gradient); rebuild ``sddmm_plan``."""
+        self.candidates = None
+        self.candidate_values = None
+        self._rebuild_plan()
+
+    # ---- dense views (tests, export) ---------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense delta ``scatter(indices, values)`` [out, in] (``dtype`` default ``values.dtype``)."""
+        dtype = dtype or self.values.dtype
+        d = torch.zeros(self.out_features * self.in_features, dtype=dtype, device=self.values.device)
+        d[self.indices.long()] = self.values.detach().to(dtype)
+        return d.view(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A new dense ``W + delta`` [out, in]: fp32 sum, one rounding, in the base's dtype (NF4: its compute
+        dtype) unless ``dtype`` is given."""
+        vals = self.values.detach()
+        if self._nf4 is not None:
+            return ops.nf4_dequantize_add_delta(self._nf4, self.indices, vals, dtype=dtype or self._nf4.dtype)
+        if self.merged:
+            out = self.weight.detach().clone()
+        else:
+            out = ops.merge_delta(self.weight.detach(), self.indices, vals)
+        return out if dtype is None else out.to(dtype)
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Write ``W + delta`` (fp32 sum rounded to W's dtype) into the dense weight's storage in place.
+
+        The k original weight entries are saved first (O(k) memory, buffer ``merge_saved``) so :meth:`unmerge_`
+        restores W bit-exactly; ``values`` are kept. While merged the forward is a plain ``F.linear`` (no
+        delta gradient): merge is for inference/export. Dense bases only (``spiel.nn.merge`` handles NF4).
+        """
+        if self._base_kind != "dense":
+            raise TypeError("merge_ works on dense weights only; use spiel.nn.merge(model) for NF4 layers")
+        if self.merged:
+            return
+        w = self.weight.data
+        if not w.is_contiguous():
+            raise ValueError("merge_ needs a contiguous weight")
+        saved = w.view(-1).index_select(0, self.indices.long())
+        ops.merge_delta(w, self.indices, self.values.detach(), out=w)
+        self.merge_saved = saved
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        """Undo :meth:`merge_` exactly (the saved original entries are written back)."""
+        if not self.merged:
+            return
+        self.weight.data.view(-1).index_copy_(0, self.indices.long(), self.merge_saved)
+        self.merge_saved = None
+
+    # ---- device moves and state_dict --------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._refresh_nf4()
+        return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._base_kind == "bnb":
+            # bitsandbytes Linear4bit's layout: weight, bias, then the quant state under weight.*
+            for key, v in self.weight.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + key] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ik, vk = prefix + "indices", prefix + "values"
+        new_idx, new_val = state_dict.get(ik), state_dict.get(vk)
+        numel = self.in_features * self.out_features
+        resized = False
+        if new_idx is not None or new_val is not None:
+            try:
+                if self.merged:
+                    raise ValueError(f"{prefix or 'layer'}: load_state_dict into a merged layer; unmerge it first")
+                if new_idx is not None:
+                    check_index_values(new_idx, numel, what=f"{ik} (state_dict)")
+                if new_idx is not None and new_val is not None and new_idx.shape != new_val.shape:
+                    raise ValueError(f"{ik} and {vk} have different lengths: {tuple(new_idx.shape)} vs {tuple(new_val.shape)}")
+                k_in = (new_idx if new_idx is not None else new_val).numel()
+                if k_in != self.num_deltas:
+                    if new_idx is None or new_val is None:
+                        raise ValueError(f"{prefix or 'layer'}: loading {k_in} deltas into a layer of {self.num_deltas} "
+                                         f"needs both {ik} and {vk}")
+                    # resize consistently: then the default loader copies into tensors of the right shape
+                    self.indices = torch.empty(k_in, dtype=self.indices.dtype, device=self.indices.device)
+                    self.values.data = torch.empty(k_in, dtype=self.values.dtype, device=self.values.device)
+                    self.values.grad = None
+                    resized = True
+                if self.candidates is not None:
+                    self.clear_candidates()
+            except (ValueError, TypeError) as exc:
+                error_msgs.append(str(exc))
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self._base_kind == "bnb":
+            self._load_bnb_quant_state(state_dict, prefix, unexpected_keys)
+        if new_idx is not None or resized:
+            if self.indices.dtype != index_dtype_for(numel):
+                self.indices = self.indices.to(index_dtype_for(numel))
+            self._rebuild_plan()
+        self._refresh_nf4()
+
+    def _load_bnb_quant_state(self, state_dict, prefix, unexpected_keys) -> None:
+        wp = prefix + "weight."
+        qkeys = [k for k in state_dict if k.startswith(wp)]
+        if not qkeys:
+            return
+        for k in qkeys:
+            if k in unexpected_keys:
+                unexpected_keys.remove(k)
+        from bitsandbytes.functional import QuantState
+
+        qs = QuantState.from_dict({k[len(wp):]: state_dict[k] for k in qkeys}, device=self.weight.device)
+        self.weight.quant_state = qs

@@ -1,0 +1,370 @@
+"""``SparseAdamW``: AdamW over the sparse deltas of :class:`spiel.nn.SparseDeltaLinear` layers.
+
+Also home of what both spiel optimizers share: finding the sparse layers of a model, the optimizer base class
+(param groups, ``reindex`` of per-slot state when the scheduler changes indices, dtype-preserving
+``load_state_dict``) and the vectorised AdamW math (``torch._foreach_*``: a fixed number of fused launches per
+step, whatever the number of layers; no host sync).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["SparseAdamW", "sparse_layers", "is_sparse_layer", "layer_shape"]
+
+
+# ------------------------------------------------------------------------------------------------ layers
+def is_sparse_layer(module) -> bool:
+    """Whether ``module`` follows the SparseDeltaLinear layer contract (``indices`` buffer, ``values``
+    Parameter, ``set_indices``)."""
+    return (isinstance(module, nn.Module) and isinstance(getattr(module, "indices", None), torch.Tensor)
+            and isinstance(getattr(module, "values", None), nn.Parameter)
+            and callable(getattr(module, "set_indices", None)))
+
+
+def sparse_layers(model_or_layers) -> List[Tuple[str, nn.Module]]:
+    """``(name, layer)`` of every sparse-delta layer, in ``named_modules`` order (deterministic, identical on
+    every rank). ``model_or_layers`` is an ``nn.Module`` (searched recursively; a DDP/FSDP wrapper is fine) or
+    an iterable of layers (named ``"0"``, ``"1"``, ...)."""
+    if isinstance(model_or_layers, nn.Module):
+        found = [(n, m) for n, m in model_or_layers.named_modules() if is_sparse_layer(m)]
+    else:
+        found = []
+        for i, m in enumerate(model_or_layers):
+            if not is_sparse_layer(m):
+                raise TypeError(f"element {i} is a {type(m).__name__}, not a SparseDeltaLinear-like layer")
+            found.append((str(i), m))
+    seen, out = set(), []
+    for n, m in found:  # a layer reachable twice (shared module) counts once
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append((n, m))
+    return out
+
+
+def layer_shape(layer) -> Tuple[int, int]:
+    """(out_features, in_features) of a sparse layer."""
+    if hasattr(layer, "out_features") and hasattr(layer, "in_features"):
+        return int(layer.out_features), int(layer.in_features)
+    w = getattr(layer, "compute_weight", None)
+    w = layer.weight if w is None else w
+    return int(w.shape[0]), int(w.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------ AdamW math
+def _as_fp32(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+
+
+def _copy_back(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
+@torch.no_grad()
+def adamw_foreach(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                  exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, maximize: bool = False) -> None:
+    """One AdamW step on lists of tensors, with TENSOR step counts (``steps[i]`` has the shape of
+    ``params[i]`` for per-slot bias correction, or is 0-dim for a dense parameter).
+
+    Math (torch.optim.AdamW, per element): ``t += 1; p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
+    v = b2*v + (1-b2)*g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``. Computed in fp32 (bf16/fp16
+    params or states are upcast and written back rounded). No host sync.
+    """
+    if not params:
+        return
+    torch._foreach_add_(steps, 1.0)
+    p32, g32 = _as_fp32(params), _as_fp32(grads)
+    m32, v32 = _as_fp32(exp_avgs), _as_fp32(exp_avg_sqs)
+    if maximize:
+        g32 = torch._foreach_neg(g32)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(m32, g32, 1.0 - beta1)
+    torch._foreach_mul_(v32, beta2)
+    torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+    if lr != 0.0:
+        bc1 = torch._foreach_pow(beta1, steps)  # beta1^t
+        bc2 = torch._foreach_pow(beta2, steps)
+        torch._foreach_sub_(bc1, 1.0)  # -(1 - beta1^t)
+        torch._foreach_div_(bc1, lr)
+        torch._foreach_reciprocal_(bc1)  # -lr / (1 - beta1^t): the (negative) step size
+        torch._foreach_sub_(bc2, 1.0)
+        torch._foreach_neg_(bc2)
+        torch._foreach_sqrt_(bc2)  # sqrt(1 - beta2^t)
+        denom = torch._foreach_sqrt(v32)
+        torch._foreach_div_(denom, bc2)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(denom, bc1)
+        torch._foreach_addcdiv_(p32, m32, denom)
+    _copy_back(params, p32)
+    _copy_back(exp_avgs, m32)
+    _copy_back(exp_avg_sqs, v32)
+
+
+# ------------------------------------------------------------------------------------------------ base class
+def _check_float(name, value, lo=0.0, hi=None, hi_open=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
+        rng = f"[{lo}, {hi})" if hi is not None and hi_open else (f"[{lo}, {hi}]" if hi is not None else f">= {lo}")
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
+
+
+def _check_betas(betas):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    return (_check_float("betas[0]", betas[0], 0.0, 1.0), _check_float("betas[1]", betas[1], 0.0, 1.0))
+
+
+class SparseOptimizerBase(torch.optim.Optimizer):
+    """Shared machinery of :class:`SparseAdamW` and :class:`spiel.optim.SM3`.
+
+    Param groups: group 0 holds the ``values`` of every sparse layer (``group["sparse"] is True``); the
+    following groups (``group["sparse"] is False``) hold ``other_params`` (dense trainable tensors, e.g. a
+    classifier head), updated with plain AdamW. torch LR schedulers work on all groups as usual.
+
+    Subclasses define ``_slot_state`` (per-slot state keys -> value given to regrown slots) and ``_init_state``.
+    """
+
+    _slot_state: Dict[str, float] = {}
+
+    def __init__(self, model, sparse_defaults: dict, other_params, other_defaults: dict):
+        layers = sparse_layers(model)
+        params, layer_of = [], {}
+        for _, layer in layers:
+            p = layer.values
+            if id(p) in layer_of:
+                continue
+            layer_of[id(p)] = layer
+            params.append(p)
+        groups = [dict(params=params, sparse=True, **sparse_defaults)]
+        groups += self._other_groups(other_params, other_defaults, {id(p) for p in params})
+        defaults = dict(sparse_defaults)
+        for key, value in other_defaults.items():
+            defaults.setdefault(key, value)
+        defaults["sparse"] = False
+        if not params and len(groups) == 1:
+            raise ValueError("no SparseDeltaLinear layers found and no other_params given: nothing to optimize")
+        super().__init__(groups, defaults)
+        self._layer_of: Dict[int, nn.Module] = layer_of
+        self.layer_names = [n for n, _ in layers]
+        for p in params:
+            self._init_state(p, layer_of[id(p)], self.param_groups[0])
+
+    @staticmethod
+    def _other_groups(other_params, other_defaults, sparse_ids) -> List[dict]:
+        if other_params is None:
+            return []
+        if isinstance(other_params, torch.Tensor):
+            other_params = [other_params]
+        other_params = list(other_params)
+        if not other_params:
+            return []
+        if all(isinstance(g, dict) for g in other_params):
+            raw = other_params
+        elif any(isinstance(g, dict) for g in other_params):
+            raise TypeError("other_params must be all tensors or all param-group dicts")
+        else:
+            raw = [{"params": other_params}]
+        groups = []
+        for g in raw:
+            g = dict(g)
+            ps = g["params"]
+            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+            for p in ps:
+                if id(p) in sparse_ids:
+                    raise ValueError("other_params contains the values of a sparse layer (they are optimized already)")
+            g["params"] = ps
+            g.pop("sparse", None)
+            for key, value in other_defaults.items():
+                g.setdefault(key, value)
+            g["betas"] = _check_betas(g["betas"])
+            g["sparse"] = False
+            groups.append(g)
+        return groups
+
+    # -- hooks for subclasses
+    def _init_state(self, param, layer, group) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- public helpers
+    def layer_of(self, param) -> Optional[nn.Module]:
+        return self._layer_of.get(id(param))
+
+    @property
+    def layers(self) -> List[nn.Module]:
+        return [self._layer_of[id(p)] for p in self.param_groups[0]["params"]]
+
+    @torch.no_grad()
+    def reindex(self, layer, order: torch.Tensor, regrown: torch.Tensor,
+                seed: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Permute the per-slot state of ``layer`` after an index update.
+
+        Args:
+            layer: the SparseDeltaLinear (or its ``values`` Parameter).
+            order: int64 [k_new]: new slot i takes the state of old slot ``order[i]`` (ignored where regrown).
+            regrown: bool [k_new]: slots that hold a new index; their state is reseeded (``seed[key]`` gives
+                the values for these slots in ascending slot order, default: the optimizer's fresh state, i.e.
+                zero moments and a zero per-slot step count). Old slots not referenced by ``order`` (dropped) are
+                discarded. Row/column statistics (SM3 accumulators) are per position, not per slot: kept.
+        No host sync.
+        """
+        param = layer.values if isinstance(layer, nn.Module) else layer
+        state = self.state.get(param)
+        if not state:
+            return
+        order = order.to(device=param.device, dtype=torch.int64)
+        regrown = regrown.to(device=param.device, dtype=torch.bool)
+        src = order.clamp(min=0)
+        seed = seed or {}
+        for key, fill in self._slot_state.items():
+            t = state.get(key)
+            if not isinstance(t, torch.Tensor) or t.dim() != 1:
+                continue
+            new = t.index_select(0, src) if src.numel() else t.new_empty(0)
+            if key in seed:
+                new.masked_scatter_(regrown, seed[key].to(device=new.device, dtype=new.dtype))
+            else:
+                new.masked_fill_(regrown, fill)
+            state[key] = new
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like ``torch.optim.Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (torch
+        would cast fp32 moments to the dtype of bf16 values, and bf16 moments to fp32)."""
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(groups)}")
+        for g, sg in zip(groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of the "
+                                 "optimizer's group (different model or layer set?)")
+        id_map = {old: p for g, sg in zip(groups, saved_groups) for old, p in zip(sg["params"], g["params"])}
+        state = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                continue
+            p = id_map[key]
+            state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                        for k, v in value.items()}
+        new_groups = []
+        for g, sg in zip(groups, saved_groups):
+            ng = copy.deepcopy({k: v for k, v in sg.items() if k != "params"})
+            ng["params"] = g["params"]
+            new_groups.append(ng)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+
+    # -- dense params: AdamW
+    def _step_dense(self, group) -> None:
+        params, grads, ms, vs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("spiel optimizers do not support sparse gradients")
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        beta1, beta2 = group["betas"]
+        # dense tensors have different shapes than their 0-dim steps: one foreach call per tensor keeps the
+        # math identical to the sparse path (few dense tensors: a classifier head)
+        for i in range(len(params)):
+            adamw_foreach(params[i:i + 1], grads[i:i + 1], ms[i:i + 1], vs[i:i + 1], steps[i:i + 1],
+                          lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
+
+
+def _gather_sparse(optimizer, group):
+    """(params, grads, states) of the sparse group's params that have a gradient."""
+    params, grads, states = [], [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("spiel optimizers do not support sparse gradients")
+        params.append(p)
+        grads.append(p.grad)
+        states.append(optimizer.state[p])
+    return params, grads, states
+
+
+# ------------------------------------------------------------------------------------------------ SparseAdamW
+class SparseAdamW(SparseOptimizerBase):
+    """AdamW over the sparse deltas (``values``) of every SparseDeltaLinear of ``model``.
+
+    Args:
+        model: an ``nn.Module`` (its SparseDeltaLinear layers are found recursively) or an iterable of layers.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (defaults lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+            weight_decay=0.0). Weight decay is decoupled and pulls the deltas toward 0, i.e. the fine-tuned
+            weight toward the pretrained one.
+        state_dtype: dtype of the moments ``exp_avg``/``exp_avg_sq`` (fp32 default; bf16 halves the state
+            memory; the math runs in fp32 either way).
+        other_params: optional dense trainable tensors (or param-group dicts) such as a classifier head,
+            updated with plain AdamW (same hyperparameters unless the dict overrides them; fp32-like state in
+            the parameter's dtype, one step count per tensor).
+
+    State per sparse layer (O(k)): ``exp_avg`` [k], ``exp_avg_sq`` [k] (``state_dtype``) and ``step`` [k] fp32:
+    a step count PER SLOT, so an index regrown by the scheduler restarts Adam's bias correction on its own
+    (regrown slots get zero moments and step 0; see :meth:`reindex`). The update runs as ~20 ``torch._foreach``
+    launches for all layers together, with no host sync.
+    """
+
+    _slot_state = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": 0.0}
+
+    def __init__(self, model, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, state_dtype: torch.dtype = torch.float32, maximize: bool = False,
+                 other_params=None):
+        lr = _check_float("lr", lr)
+        eps = _check_float("eps", eps)
+        weight_decay = _check_float("weight_decay", weight_decay)
+        betas = _check_betas(betas)
+        if state_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"state_dtype must be float32, bfloat16 or float16, got {state_dtype}")
+        self.state_dtype = state_dtype
+        hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
+        super().__init__(model, hyper, other_params, dict(hyper))
+
+    def _init_state(self, param, layer, group) -> None:
+        st = self.state[param]
+        if not st:
+            st["step"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            st["exp_avg"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
+            st["exp_avg_sq"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if not group["sparse"]:
+                self._step_dense(group)
+                continue
+            params, grads, states = _gather_sparse(self, group)
+            for p, st in zip(params, states):
+                if not st or st["step"].shape != p.shape:
+                    st.clear()
+                    self._init_state(p, self._layer_of.get(id(p)), group)
+            beta1, beta2 = group["betas"]
+            adamw_foreach(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                          [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                          eps=group["eps"], weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
+        return loss
