@@ -305,6 +305,11 @@ def fmt(v) -> str:
     return str(v)
 
 
+def clip(text: str, limit: int = 70) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def print_table(rows: Sequence[Dict[str, object]], columns: Sequence[tuple], title: str = "") -> str:
     """Print a compact markdown table; ``columns`` = [(header, key or callable(row))]."""
     cells = []

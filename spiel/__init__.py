@@ -5,5 +5,6 @@
 """
 from .version import __version__
 from . import ops, quant
+from .nn.io import save_deltas, load_deltas
 
-__all__ = ["__version__", "ops", "quant"]
+__all__ = ["__version__", "ops", "quant", "save_deltas", "load_deltas"]

@@ -21,7 +21,7 @@ from .data import CausalLMData, ClassificationData, causal_lm_batches, classific
 
 METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
 # learning rates used when --lr is not given (the quality table in docs/README_finetune.md uses these)
-DEFAULT_LR = {"spiel-ag": 2e-3, "spiel-ma": 2e-3, "lora": 2e-3, "full": 1e-4}
+DEFAULT_LR = {"spiel-ag": 2e-3, "spiel-ma": 2e-2, "lora": 2e-3, "full": 1e-4}
 HEAD_FILE = "head.safetensors"
 DELTAS_FILE = "deltas.safetensors"
 LORA_FILE = "lora.safetensors"
@@ -164,9 +164,30 @@ def _quantization_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No weight-loading progress bar nor load report (e.g. the unused pooler of a sentence encoder)."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_base(kind: str, model_path: str, cfg: RunConfig, num_labels: int = 0) -> nn.Module:
     """The pretrained model for ``kind`` (``"classification"``: :class:`EncoderClassifier` with a fresh head
     seeded by ``cfg.seed``; ``"causal_lm"``: ``AutoModelForCausalLM``), on ``cfg.device``."""
+    with _quiet_transformers():
+        return _load_base(kind, model_path, cfg, num_labels)
+
+
+def _load_base(kind: str, model_path: str, cfg: RunConfig, num_labels: int) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
     kwargs = {"local_files_only": True, "dtype": _torch_dtype(cfg)}
     if cfg.load_4bit:
@@ -268,14 +289,16 @@ def prepare_method(model: nn.Module, kind: str, cfg: RunConfig) -> Prepared:
         else:
             num_tunable = cfg.num_tunable or lora_matched_num_tunable(model, names, cfg.lora_r)
             budget = {"num_tunable": num_tunable}
-        torch.manual_seed(cfg.seed + 1)
-        spiel.nn.inject(model, target_modules=names, **budget)
+        spiel.nn.inject(model, target_modules=names, seed=cfg.seed, **budget)
         for p in head:
             p.requires_grad_(True)
         adapter = [p for n, p in model.named_parameters() if p.requires_grad and not _is_head(n, kind)]
         adapter_params = sum(p.numel() for p in adapter)
         num_tunable = adapter_params
-        opt = spiel.optim.SparseAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.method == "spiel-ma":  # SM3's row/column accumulators drive MA's regrowth
+            opt = spiel.optim.SM3(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = spiel.optim.SparseAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         optimizers.insert(0, opt)
         scheduler = spiel.scheduler.SpielScheduler(
             model, opt, mode=cfg.method.split("-")[1], total_steps=cfg.steps,
@@ -505,8 +528,8 @@ def save_run(model, kind, model_path, cfg: RunConfig, prep: Prepared, result: Ru
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     if cfg.method.startswith("spiel"):
-        import spiel
-        spiel.save_deltas(model, os.path.join(out_dir, DELTAS_FILE))
+        import spiel.nn
+        spiel.nn.save_deltas(model, os.path.join(out_dir, DELTAS_FILE))
         files["deltas"] = DELTAS_FILE
     elif cfg.method == "lora":
         from peft import get_peft_model_state_dict
@@ -553,8 +576,8 @@ def load_finetuned(run_dir: str, device: str = "cpu") -> nn.Module:
     files = run["files"]
     from safetensors.torch import load_file
     if "deltas" in files:
-        import spiel
-        spiel.load_deltas(model, os.path.join(run_dir, files["deltas"]))
+        import spiel.nn
+        spiel.nn.load_deltas(model, os.path.join(run_dir, files["deltas"]))
     elif "lora" in files:
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
         config = LoraConfig(r=cfg.lora_r, lora_alpha=run["lora_alpha"], lora_dropout=0.0,

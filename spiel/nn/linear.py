@@ -282,6 +282,8 @@ class SparseDeltaLinear(nn.Linear):
             self.register_buffer("weight_nested_absmax", weight.nested_absmax)
             self.register_buffer("weight_nested_code", weight.nested_code)
             self.__dict__["_nf4_meta"] = (tuple(weight.shape), weight.blocksize, weight.dtype, weight.nested_offset)
+            self.__dict__["_nf4"] = weight
+            self.__dict__["weight"] = weight
             self.__dict__["_spiel_weight_requires_grad"] = False
         else:
             self._base_kind = "bnb" if _is_params4bit(weight) else "dense"
@@ -317,6 +319,10 @@ class SparseDeltaLinear(nn.Linear):
                 qs.to(w.device)
             self.__dict__["_nf4"] = NF4Weight.from_bnb(w)
         elif self._base_kind == "nf4":
+            cur = self._nf4
+            if cur is not None and cur.packed is self.weight_packed and cur.absmax is self.weight_absmax and \
+                    cur.nested_absmax is self.weight_nested_absmax and cur.nested_code is self.weight_nested_code:
+                return  # storage unchanged: keep the very NF4Weight object
             shape, blocksize, dtype, offset = self._nf4_meta
             nf4 = NF4Weight(self.weight_packed, self.weight_absmax, shape, blocksize, dtype,
                             self.weight_nested_absmax, self.weight_nested_code, offset)

@@ -58,6 +58,16 @@ def round_to(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def to_f32(x, EMULATE_BF16: tl.constexpr):
+    """Exact widening to fp32 (under the interpreter, bf16 -> fp32 is done on the bits: its own conversion
+    mishandles subnormals)."""
+    if EMULATE_BF16 and x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _lower_bound(idx_ptr, lo, hi, target, S: tl.constexpr):
     """First position j in [lo, hi] with idx[j] >= target, for sorted idx whose entries before lo are
     < target and from hi on are >= target. Vectorised k-ary search: S probes per step, range / S per step."""
@@ -101,7 +111,7 @@ def _merge_chunk_kernel(w_ptr, idx_ptr, val_ptr, out_ptr, n, k,
             i = tl.load(idx_ptr + j, mask=m, other=0)
             v = tl.load(val_ptr + j, mask=m, other=0)
             wi = tl.load(w_ptr + i, mask=m, other=0)
-            merged = wi.to(tl.float32) + v.to(tl.float32)
+            merged = to_f32(wi, EMU) + to_f32(v, EMU)
             tl.store(out_ptr + i, round_to(merged, out_ptr.dtype.element_ty, EMU), mask=m)
 
 
@@ -116,7 +126,7 @@ def _merge_inplace_kernel(w_ptr, idx_ptr, val_ptr, k, BLOCK: tl.constexpr, BIG: 
     i = tl.load(idx_ptr + j, mask=m, other=0)
     v = tl.load(val_ptr + j, mask=m, other=0)
     wi = tl.load(w_ptr + i, mask=m, other=0)
-    merged = wi.to(tl.float32) + v.to(tl.float32)
+    merged = to_f32(wi, EMU) + to_f32(v, EMU)
     tl.store(w_ptr + i, round_to(merged, w_ptr.dtype.element_ty, EMU), mask=m)
 
 

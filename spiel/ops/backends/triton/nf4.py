@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ....quant.nf4 import NESTED_BLOCKSIZE, NF4_CODE
 from ..._dispatch import register_kernel
-from .merge import _INT32_SAFE, SEARCH_PROBES, _lower_bound, interpreting, round_to
+from .merge import _INT32_SAFE, SEARCH_PROBES, _lower_bound, interpreting, round_to, to_f32
 
 # output element size -> (output elements per program, warps); tests override through _CONFIG_OVERRIDE,
 # benchmarks/bench_forward.py --tune sweeps them.
@@ -108,13 +108,14 @@ def _nf4_dequant_delta_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
             q = tl.where((i % 2) == 0, b >> 4, b & 0xF)
             s = _absmax_f32(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset, i // BS, m,
                             DOUBLE_QUANT, NESTED)
-            merged = tl.load(code_ptr + q) * s + v.to(tl.float32)  # fp32 product, then fp32 add (no FMA)
+            merged = tl.load(code_ptr + q) * s + to_f32(v, EMU)  # fp32 product, then fp32 add (no FMA)
             tl.store(out_ptr + i, round_to(merged, out_ty, EMU), mask=m)
 
 
 @triton.jit
 def _nf4_quantize_kernel(w_ptr, mid_ptr, packed_ptr, absmax_ptr, n, nblocks,
-                         BS: tl.constexpr, ROWS: tl.constexpr, BIG: tl.constexpr, TINY_BITS: tl.constexpr):
+                         BS: tl.constexpr, ROWS: tl.constexpr, BIG: tl.constexpr, TINY_BITS: tl.constexpr,
+                         EMU: tl.constexpr):
     HALF: tl.constexpr = BS // 2
     pid = tl.program_id(0)
     if BIG:
@@ -123,7 +124,7 @@ def _nf4_quantize_kernel(w_ptr, mid_ptr, packed_ptr, absmax_ptr, n, nblocks,
         blk = pid * ROWS + tl.arange(0, ROWS)
     offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]               # [ROWS, BS]
     mask = offs < n
-    w = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.float32)
+    w = to_f32(tl.load(w_ptr + offs, mask=mask, other=0), EMU)
     amax = tl.max(tl.abs(w), axis=1)                                    # [ROWS]
     tl.store(absmax_ptr + blk, amax, mask=blk < nblocks)
     # absmax.clamp(min=1e-38) with fp32(1e-38) (a subnormal: a Python float literal would become fp64)
@@ -177,6 +178,6 @@ def nf4_quantize(weight, blocksize):
     rows = max(1, _CONFIG_OVERRIDE.get("quant_elements", QUANT_ELEMENTS) // blocksize)
     big = (nblocks + rows) * blocksize >= _INT32_SAFE
     _nf4_quantize_kernel[(triton.cdiv(nblocks, rows),)](
-        weight, mid, packed, absmax, n, nblocks, BS=int(blocksize), ROWS=rows, BIG=big, TINY_BITS=_TINY_BITS,
+        weight, mid, packed, absmax, n, nblocks, BS=int(blocksize), ROWS=rows, BIG=big, TINY_BITS=_TINY_BITS, EMU=interpreting(),
         num_warps=4 if rows * blocksize <= 4096 else 8)
     return packed, absmax

@@ -1,0 +1,635 @@
+// The delta gradient: result[j] = sum_t grad_output[t, r_j] * input[t, c_j] (fp32), r_j = idx / in,
+// c_j = idx % in, for k requested flat indices (unique, any order), never forming [out, in].
+//
+// Three strategies share one plan (built by spiel/ops/backends/sddmm_plan.py; its layout is mirrored in
+// make_layout below). The plan's length carries the strategy chosen for this backend at build time and the
+// compaction levels, so the host launches without reading device memory (no sync).
+//
+// sparse      CTA (item w, T split s). An item is <= kEMax entries of one 2048 x 2048 superblock, sorted by
+//             (tile, row, col). Per chunk of V = 16 B / sizeof(T) tokens the CTA stages
+//             grad_output[t-chunk, item rows] and input[t-chunk, item cols] *transposed* into shared memory:
+//             one 16-byte row per output row / input column holding its V tokens (loads are coalesced
+//             16-byte vectors along the feature axis, transposed in registers). Each thread owns 32 entries
+//             and accumulates dot(S[row], S[col]) in fp32 registers: 2 x 16-byte shared loads per entry per
+//             V tokens. Rows are XOR-swizzled in 16-byte units so the transposing stores are conflict-free.
+// dense_tile  CTA (non-empty 128 x 128 tile, T split): C = A[t, rows]^T @ B[t, cols] with WMMA (bf16/fp16
+//             mma.sync, fp32 accumulators), 4-stage cp.async pipeline over T, the tile stored to shared
+//             memory, and only the tile's requested entries read back. A/B are grad_output/input or their
+//             compacted copies (only the distinct rows/cols used; at::index_select).
+// dense_blas  cuBLAS (at::mm with fp32 output) over row bands of the (compacted) operands into a bounded
+//             fp32 band buffer, then a gather of the band's entries.
+// When T is split, partial sums go to part[s, position] and a reduce kernel sums them in increasing s:
+// deterministic (bit-identical across runs). fp32 inputs always take the sparse strategy (exact fp32
+// products; the tensor-core paths would round operands to TF32).
+#include <mma.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "common.cuh"
+#include "spiel.h"
+
+namespace spiel {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// plan layout (mirrors spiel/ops/backends/sddmm_plan.py: keep in sync)
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kTile = 128;
+constexpr int64_t kSB = 16;
+constexpr int64_t kEMax = 8192;
+constexpr int64_t kHdr = 32;
+enum HeaderSlot { H_MAGIC = 0, H_K, H_OUT, H_IN, H_NTILES, H_NITEMS, H_NR, H_NC, H_NCTILES, H_LEVEL_R, H_LEVEL_C };
+constexpr int kNLevels = 4;
+constexpr int kNStrategies = 3;
+enum Strategy { kSparse = 0, kDenseTile = 1, kDenseBlas = 2 };
+constexpr int64_t kBandBytes = 64ll << 20;  // sddmm_plan.BAND_BYTES
+
+struct Layout {
+  int64_t ntr, ntc, nt, wmax;
+  int64_t perm, tile_list, tile_ptr, tile_slot, items, rowlist, collist, rowmap, colmap, cperm, ctile_list,
+      ctile_ptr, ctile_slot, base;
+};
+
+Layout make_layout(int64_t k, int64_t out, int64_t in) {
+  Layout L;
+  L.ntr = ceil_div(out, kTile);
+  L.ntc = ceil_div(in, kTile);
+  L.nt = L.ntr * L.ntc;
+  L.wmax = ceil_div(L.ntr, kSB) * ceil_div(L.ntc, kSB) + k / kEMax + 1;
+  int64_t off = kHdr;
+  auto take = [&off](int64_t n) {
+    const int64_t o = off;
+    off += n;
+    return o;
+  };
+  L.perm = take(k);
+  L.tile_list = take(L.nt);
+  L.tile_ptr = take(L.nt + 1);
+  L.tile_slot = take(L.nt);
+  L.items = take(6 * L.wmax);
+  L.rowlist = take(out);
+  L.collist = take(in);
+  L.rowmap = take(out);
+  L.colmap = take(in);
+  L.cperm = take(k);
+  L.ctile_list = take(L.nt);
+  L.ctile_ptr = take(L.nt + 1);
+  L.ctile_slot = take(L.nt);
+  L.base = off;
+  return L;
+}
+
+int64_t level_cap(int64_t n, int level) {
+  if (level == 0) return n;
+  return std::min(n, ceil_div(ceil_div(n, int64_t(1) << level), 8) * 8);
+}
+
+int num_sms(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cache[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = n > 0 ? n : 1;
+  }
+  return cache[device];
+}
+
+// T splits: about `target` CTAs over `units` independent work units, >= 256 tokens per split, at most 64;
+// the split length is a multiple of `align`. Depends on shapes only (deterministic).
+void choose_splits(int64_t T, int64_t units, int64_t target, int64_t align, int64_t& S, int64_t& t_split) {
+  S = std::max<int64_t>(1, ceil_div(target, std::max<int64_t>(units, 1)));
+  const int64_t cap = T >= 256 ? T / 256 : 1;
+  S = std::max<int64_t>(1, std::min<int64_t>({S, cap, 64}));
+  t_split = ceil_div(ceil_div(T, S), align) * align;
+  S = ceil_div(T, t_split);
+}
+
+// ------------------------------------------------------------------------------------------------
+// fp32 dot of two 16-byte vectors of T (V elements each), accumulated in element order
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct Dot16;
+template <>
+struct Dot16<__nv_bfloat16> {
+  static __device__ __forceinline__ float run(const uint4& a, const uint4& b, float acc) {
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w};
+    const uint32_t bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // bf16 -> fp32 is a 16-bit shift: exact
+      acc = fmaf(__uint_as_float(av[q] << 16), __uint_as_float(bv[q] << 16), acc);
+      acc = fmaf(__uint_as_float(av[q] & 0xffff0000u), __uint_as_float(bv[q] & 0xffff0000u), acc);
+    }
+    return acc;
+  }
+};
+template <>
+struct Dot16<__half> {
+  static __device__ __forceinline__ float run(const uint4& a, const uint4& b, float acc) {
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w};
+    const uint32_t bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 fa = __half22float2(*reinterpret_cast<const __half2*>(&av[q]));
+      const float2 fb = __half22float2(*reinterpret_cast<const __half2*>(&bv[q]));
+      acc = fmaf(fa.x, fb.x, acc);
+      acc = fmaf(fa.y, fb.y, acc);
+    }
+    return acc;
+  }
+};
+template <>
+struct Dot16<float> {
+  static __device__ __forceinline__ float run(const uint4& a, const uint4& b, float acc) {
+    acc = fmaf(__uint_as_float(a.x), __uint_as_float(b.x), acc);
+    acc = fmaf(__uint_as_float(a.y), __uint_as_float(b.y), acc);
+    acc = fmaf(__uint_as_float(a.z), __uint_as_float(b.z), acc);
+    acc = fmaf(__uint_as_float(a.w), __uint_as_float(b.w), acc);
+    return acc;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// sparse strategy
+// ------------------------------------------------------------------------------------------------
+constexpr int kSpThreads = 256;
+constexpr int kSpEPT = 32;                     // entries per thread
+constexpr int kSpRows = 2 * kSB * kTile;       // staged 16-byte rows: <= 2048 item rows + 2048 item cols
+constexpr size_t kSpSmem = kSpRows * 16;       // 64 KiB
+constexpr uint32_t kNoEntry = 0xffffffffu;
+static_assert(kSpThreads * kSpEPT == kEMax, "sparse CTA must hold exactly one work item");
+
+__device__ __forceinline__ int64_t dceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ int swz(int row) { return row ^ ((row >> 3) & 7); }
+
+template <typename T, typename IdxT>
+__global__ void __launch_bounds__(kSpThreads, 2)
+    sddmm_sparse_kernel(const T* __restrict__ G, const T* __restrict__ X, const IdxT* __restrict__ indices,
+                        const int* __restrict__ header, const int* __restrict__ perm,
+                        const int* __restrict__ items, int64_t Tn, int64_t n_out, int64_t n_in, int64_t k,
+                        int64_t t_split, float* __restrict__ dst, bool direct, bool vec) {
+  constexpr int V = Vec16<T>::N;  // tokens per staged chunk (8 for 16-bit types, 4 for fp32)
+  extern __shared__ uint4 s_rows[];
+  const int w = blockIdx.x;
+  if (w >= __ldg(header + H_NITEMS)) return;
+  const int tid = threadIdx.x;
+  const int* it = items + 6 * static_cast<int64_t>(w);
+  const int64_t e_begin = __ldg(it + 0), e_end = __ldg(it + 1);
+  const int64_t row0 = __ldg(it + 2), nrows = __ldg(it + 3), col0 = __ldg(it + 4), ncols = __ldg(it + 5);
+  // align the staged spans to V columns (16-byte global vectors); stays inside the superblock
+  const int64_t row0a = row0 / V * V, col0a = col0 / V * V;
+  const int nrows_a = static_cast<int>(dceil(row0 + nrows, V) * V - row0a);
+  const int ncols_a = static_cast<int>(dceil(col0 + ncols, V) * V - col0a);
+
+  uint32_t off[kSpEPT];
+  float acc[kSpEPT];
+#pragma unroll
+  for (int i = 0; i < kSpEPT; ++i) {
+    const int64_t j = e_begin + tid + static_cast<int64_t>(i) * kSpThreads;
+    acc[i] = 0.f;
+    off[i] = kNoEntry;
+    if (j < e_end) {
+      const int64_t idx = static_cast<int64_t>(__ldg(indices + __ldg(perm + j)));
+      const int64_t r = idx / n_in;
+      const int64_t c = idx - r * n_in;
+      off[i] = static_cast<uint32_t>(r - row0a) | (static_cast<uint32_t>(nrows_a + (c - col0a)) << 16);
+    }
+  }
+
+  const int units_g = nrows_a / V;
+  const int units = units_g + ncols_a / V;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * t_split;
+  const int64_t t_end = min(Tn, t_begin + t_split);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += V) {
+    __syncthreads();  // previous chunk consumed
+    for (int u = tid; u < units; u += kSpThreads) {
+      const bool isg = u < units_g;
+      const T* src = isg ? G : X;
+      const int64_t ld = isg ? n_out : n_in;
+      const int64_t col = isg ? row0a + static_cast<int64_t>(u) * V : col0a + static_cast<int64_t>(u - units_g) * V;
+      const int drow = isg ? u * V : nrows_a + (u - units_g) * V;
+      Vec16<T> in[V];
+      if (vec) {
+#pragma unroll
+        for (int tt = 0; tt < V; ++tt) {
+          const int64_t t = t0 + tt;
+          if (t < t_end && col < ld) {
+            in[tt] = *reinterpret_cast<const Vec16<T>*>(src + t * ld + col);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) in[tt].v[e] = from_float<T>(0.f);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int tt = 0; tt < V; ++tt) {
+          const int64_t t = t0 + tt;
+#pragma unroll
+          for (int e = 0; e < V; ++e)
+            in[tt].v[e] = (t < t_end && col + e < ld) ? src[t * ld + col + e] : from_float<T>(0.f);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {  // transpose: row e of the unit gets its V tokens
+        Vec16<T> o;
+#pragma unroll
+        for (int tt = 0; tt < V; ++tt) o.v[tt] = in[tt].v[e];
+        s_rows[swz(drow + e)] = *reinterpret_cast<const uint4*>(&o);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kSpEPT; ++i) {
+      if (off[i] != kNoEntry) {
+        const uint4 g = s_rows[swz(static_cast<int>(off[i] & 0xffffu))];
+        const uint4 x = s_rows[swz(static_cast<int>(off[i] >> 16))];
+        acc[i] = Dot16<T>::run(g, x, acc[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kSpEPT; ++i) {
+    if (off[i] != kNoEntry) {
+      const int64_t j = e_begin + tid + static_cast<int64_t>(i) * kSpThreads;
+      if (direct) {
+        dst[__ldg(perm + j)] = acc[i];
+      } else {
+        dst[static_cast<int64_t>(blockIdx.y) * k + j] = acc[i];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dense_tile strategy (WMMA)
+// ------------------------------------------------------------------------------------------------
+constexpr int kTlThreads = 256;  // 8 warps: 2 (rows) x 4 (cols), each 64 x 32 of the 128 x 128 tile
+constexpr int kBK = 32;          // tokens per pipeline stage
+constexpr int kStages = 4;
+constexpr int kLdsAB = 136;      // 128 + 8 (16-bit elements): staggers banks for the fragment loads
+constexpr int kLdsC = 132;       // fp32 tile row pitch
+constexpr size_t kTileSmemAB = size_t(kStages) * 2 * kBK * kLdsAB * 2;
+constexpr size_t kTileSmemC = size_t(kTile) * kLdsC * 4;
+constexpr size_t kTileSmem = kTileSmemAB > kTileSmemC ? kTileSmemAB : kTileSmemC;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <typename T, typename IdxT>
+struct TileArgs {
+  const T* A;
+  const T* B;
+  int64_t lda, ldb, nra, ncb;  // row pitch and valid width of each operand
+  const IdxT* indices;
+  const int* perm;
+  const int* tlist;
+  const int* tptr;
+  const int* count;  // device count of non-empty tiles
+  const int* rowmap;
+  const int* colmap;
+  bool use_rmap, use_cmap;
+  int64_t Tn, n_in, k, ntc, t_split;
+  float* dst;
+  bool direct, vec;
+};
+
+template <typename T>
+__device__ __forceinline__ void tile_load_stage(T* sA, T* sB, const T* A, const T* B, int64_t lda, int64_t ldb,
+                                                int64_t nra, int64_t ncb, int64_t r0, int64_t c0, int64_t t,
+                                                int64_t t1, bool vec) {
+  constexpr int kChunks = kBK * (kTile / 8);  // 16-byte chunks per operand per stage
+  for (int q = threadIdx.x; q < 2 * kChunks; q += kTlThreads) {
+    const bool isb = q >= kChunks;
+    const int qq = isb ? q - kChunks : q;
+    const int row = qq / (kTile / 8);
+    const int ch = qq % (kTile / 8);
+    const T* src = isb ? B : A;
+    const int64_t ld = isb ? ldb : lda;
+    const int64_t lim = isb ? ncb : nra;
+    const int64_t col = (isb ? c0 : r0) + ch * 8;
+    T* d = (isb ? sB : sA) + row * kLdsAB + ch * 8;
+    const int64_t tt = t + row;
+    const bool ok_t = tt < t1;
+    if (vec) {  // lim % 8 == 0: a chunk is wholly inside or outside
+      const bool ok = ok_t && col < lim;
+      cp_async16(d, ok ? static_cast<const void*>(src + tt * ld + col) : static_cast<const void*>(src), ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) d[e] = (ok_t && col + e < lim) ? src[tt * ld + col + e] : from_float<T>(0.f);
+    }
+  }
+}
+
+template <typename T, typename IdxT>
+__global__ void __launch_bounds__(kTlThreads, 2) sddmm_tile_kernel(const TileArgs<T, IdxT> a) {
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char s_raw[];
+  const int slot = blockIdx.x;
+  if (slot >= __ldg(a.count)) return;
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int64_t tile = __ldg(a.tlist + slot);
+  const int64_t tr = tile / a.ntc, tc = tile - tr * a.ntc;
+  const int64_t r0 = tr * kTile, c0 = tc * kTile;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * a.t_split;
+  const int64_t t1 = min(a.Tn, t0 + a.t_split);
+  const int nk = static_cast<int>(dceil(t1 - t0, kBK));
+  T* sbase = reinterpret_cast<T*>(s_raw);
+  auto sA = [&](int st) { return sbase + st * 2 * kBK * kLdsAB; };
+  auto sB = [&](int st) { return sbase + st * 2 * kBK * kLdsAB + kBK * kLdsAB; };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < nk) tile_load_stage(sA(st), sB(st), a.A, a.B, a.lda, a.ldb, a.nra, a.ncb, r0, c0, t0 + st * kBK, t1, a.vec);
+    cp_async_commit();
+  }
+  for (int kk = 0; kk < nk; ++kk) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int nxt = kk + kStages - 1;
+    if (nxt < nk)
+      tile_load_stage(sA(nxt % kStages), sB(nxt % kStages), a.A, a.B, a.lda, a.ldb, a.nra, a.ncb, r0, c0,
+                      t0 + static_cast<int64_t>(nxt) * kBK, t1, a.vec);
+    cp_async_commit();
+    const T* pa = sA(kk % kStages);
+    const T* pb = sB(kk % kStages);
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], pa + ks * kLdsAB + wm * 64 + i * 16, kLdsAB);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], pb + ks * kLdsAB + wn * 32 + j * 16, kLdsAB);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  float* sC = reinterpret_cast<float*>(s_raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(sC + (wm * 64 + i * 16) * kLdsC + wn * 32 + j * 16, acc[i][j], kLdsC,
+                              wmma::mem_row_major);
+  __syncthreads();
+  const int64_t p0 = __ldg(a.tptr + slot), p1 = __ldg(a.tptr + slot + 1);
+  for (int64_t j = p0 + tid; j < p1; j += kTlThreads) {
+    const int64_t e = __ldg(a.perm + j);
+    const int64_t idx = static_cast<int64_t>(__ldg(a.indices + e));
+    int64_t r = idx / a.n_in;
+    int64_t c = idx - r * a.n_in;
+    if (a.use_rmap) r = __ldg(a.rowmap + r);
+    if (a.use_cmap) c = __ldg(a.colmap + c);
+    const float v = sC[(r - r0) * kLdsC + (c - c0)];
+    if (a.direct) {
+      a.dst[e] = v;
+    } else {
+      a.dst[static_cast<int64_t>(blockIdx.y) * a.k + j] = v;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// shared epilogues
+// ------------------------------------------------------------------------------------------------
+__global__ void sddmm_reduce_kernel(const float* __restrict__ part, const int* __restrict__ perm,
+                                    float* __restrict__ out, int64_t k, int64_t S) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= k) return;
+  float acc = 0.f;
+  for (int64_t s = 0; s < S; ++s) acc += part[s * k + j];  // fixed order: deterministic
+  out[__ldg(perm + j)] = acc;
+}
+
+template <typename IdxT>
+__global__ void sddmm_band_gather_kernel(const float* __restrict__ band, const IdxT* __restrict__ indices,
+                                         const int* __restrict__ rowmap, const int* __restrict__ colmap,
+                                         bool use_rmap, bool use_cmap, float* __restrict__ out, int64_t k,
+                                         int64_t n_in, int64_t r0, int64_t rows, int64_t ldb) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= k) return;
+  const int64_t idx = static_cast<int64_t>(__ldg(indices + j));
+  int64_t r = idx / n_in;
+  int64_t c = idx - r * n_in;
+  if (use_rmap) r = __ldg(rowmap + r);
+  if (use_cmap) c = __ldg(colmap + c);
+  if (r >= r0 && r < r0 + rows) out[j] = __ldg(band + (r - r0) * ldb + c);
+}
+
+// ------------------------------------------------------------------------------------------------
+// host drivers
+// ------------------------------------------------------------------------------------------------
+struct PlanView {
+  const int* base;
+  Layout L;
+  int strategy;
+  int level_r, level_c;
+  const int* at(int64_t off) const { return base + off; }
+};
+
+void run_reduce(const at::Tensor& part, const int* perm, at::Tensor& out, int64_t k, int64_t S, cudaStream_t stream) {
+  const int threads = 256;
+  sddmm_reduce_kernel<<<static_cast<unsigned>(ceil_div(k, threads)), threads, 0, stream>>>(
+      part.data_ptr<float>(), perm, out.data_ptr<float>(), k, S);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void run_sparse(const at::Tensor& G, const at::Tensor& X, const at::Tensor& indices, const PlanView& pv,
+                int64_t n_out, int64_t n_in, at::Tensor& out, cudaStream_t stream) {
+  const int64_t T = G.size(0), k = indices.numel();
+  const int64_t V = 16 / G.element_size();
+  int64_t S, t_split;
+  const int64_t w_est = ceil_div(k, kEMax);
+  choose_splits(T, w_est, 2 * num_sms(G.get_device()), V, S, t_split);
+  at::Tensor part;
+  if (S > 1) part = at::empty({S * k}, G.options().dtype(at::kFloat));
+  float* dst = S > 1 ? part.data_ptr<float>() : out.data_ptr<float>();
+  const bool vec = (n_out % V == 0) && (n_in % V == 0) && is_aligned16(G.data_ptr()) && is_aligned16(X.data_ptr());
+  TORCH_CHECK(pv.L.wmax < (int64_t(1) << 31), "sddmm: too many work items");
+  const dim3 grid(static_cast<unsigned>(pv.L.wmax), static_cast<unsigned>(S));
+  SPIEL_DISPATCH_FLOAT(G.scalar_type(), T_, "sddmm", [&] {
+    SPIEL_DISPATCH_INDEX(indices.scalar_type(), I_, "sddmm indices", [&] {
+      auto kern = sddmm_sparse_kernel<T_, I_>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSpSmem)));
+      kern<<<grid, kSpThreads, kSpSmem, stream>>>(
+          reinterpret_cast<const T_*>(G.data_ptr()), reinterpret_cast<const T_*>(X.data_ptr()),
+          indices.data_ptr<I_>(), pv.at(0), pv.at(pv.L.perm), pv.at(pv.L.items), T, n_out, n_in, k, t_split, dst,
+          S == 1, vec);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (S > 1) run_reduce(part, pv.at(pv.L.perm), out, k, S, stream);
+}
+
+// (A, B, use_rmap, use_cmap): the operands of the dense strategies, compacted as the plan says
+std::tuple<at::Tensor, at::Tensor, bool, bool> dense_operands(const at::Tensor& G, const at::Tensor& X,
+                                                              const at::Tensor& plan, const PlanView* pv,
+                                                              int64_t n_out, int64_t n_in) {
+  at::Tensor A = G, B = X;
+  bool ur = false, uc = false;
+  if (pv != nullptr && pv->level_r > 0) {
+    A = at::index_select(G, 1, plan.narrow(0, pv->L.rowlist, level_cap(n_out, pv->level_r)));
+    ur = true;
+  }
+  if (pv != nullptr && pv->level_c > 0) {
+    B = at::index_select(X, 1, plan.narrow(0, pv->L.collist, level_cap(n_in, pv->level_c)));
+    uc = true;
+  }
+  return {A.contiguous(), B.contiguous(), ur, uc};
+}
+
+void run_dense_tile(const at::Tensor& G, const at::Tensor& X, const at::Tensor& indices, const at::Tensor& plan,
+                    const PlanView& pv, int64_t n_out, int64_t n_in, at::Tensor& out, cudaStream_t stream) {
+  const int64_t T = G.size(0), k = indices.numel();
+  at::Tensor A, B;
+  bool ur, uc;
+  std::tie(A, B, ur, uc) = dense_operands(G, X, plan, &pv, n_out, n_in);
+  const bool compact = ur || uc;
+  const int64_t nt_bound = compact ? ceil_div(A.size(1), kTile) * ceil_div(B.size(1), kTile) : pv.L.nt;
+  int64_t S, t_split;
+  choose_splits(T, nt_bound, num_sms(G.get_device()), kBK, S, t_split);
+  at::Tensor part;
+  if (S > 1) part = at::empty({S * k}, G.options().dtype(at::kFloat));
+  const int* perm = pv.at(compact ? pv.L.cperm : pv.L.perm);
+  SPIEL_DISPATCH_INDEX(indices.scalar_type(), I_, "sddmm indices", [&] {
+    auto launch = [&](auto tag) {
+      using T_ = decltype(tag);
+      TileArgs<T_, I_> args;
+      args.A = reinterpret_cast<const T_*>(A.data_ptr());
+      args.B = reinterpret_cast<const T_*>(B.data_ptr());
+      args.lda = A.size(1);
+      args.ldb = B.size(1);
+      args.nra = A.size(1);
+      args.ncb = B.size(1);
+      args.indices = indices.data_ptr<I_>();
+      args.perm = perm;
+      args.tlist = pv.at(compact ? pv.L.ctile_list : pv.L.tile_list);
+      args.tptr = pv.at(compact ? pv.L.ctile_ptr : pv.L.tile_ptr);
+      args.count = pv.at(compact ? H_NCTILES : H_NTILES);
+      args.rowmap = pv.at(pv.L.rowmap);
+      args.colmap = pv.at(pv.L.colmap);
+      args.use_rmap = ur;
+      args.use_cmap = uc;
+      args.Tn = T;
+      args.n_in = n_in;
+      args.k = k;
+      args.ntc = pv.L.ntc;
+      args.t_split = t_split;
+      args.dst = S > 1 ? part.data_ptr<float>() : out.data_ptr<float>();
+      args.direct = S == 1;
+      args.vec = (args.lda % 8 == 0) && (args.ldb % 8 == 0) && is_aligned16(A.data_ptr()) && is_aligned16(B.data_ptr());
+      auto kern = sddmm_tile_kernel<T_, I_>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTileSmem)));
+      const dim3 grid(static_cast<unsigned>(nt_bound), static_cast<unsigned>(S));
+      kern<<<grid, kTlThreads, kTileSmem, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (G.scalar_type() == at::kBFloat16) {
+      launch(__nv_bfloat16());
+    } else {
+      TORCH_CHECK(G.scalar_type() == at::kHalf, "sddmm dense_tile: bf16/fp16 only");
+      launch(__half());
+    }
+  });
+  if (S > 1) run_reduce(part, perm, out, k, S, stream);
+}
+
+void run_dense_blas(const at::Tensor& G, const at::Tensor& X, const at::Tensor& indices, const at::Tensor& plan,
+                    const PlanView* pv, int64_t n_out, int64_t n_in, at::Tensor& out, cudaStream_t stream) {
+  const int64_t k = indices.numel();
+  at::Tensor A, B;
+  bool ur, uc;
+  std::tie(A, B, ur, uc) = dense_operands(G, X, plan, pv, n_out, n_in);
+  const int64_t rows = A.size(1), cols = B.size(1);
+  int64_t R = std::max<int64_t>(kTile, (kBandBytes / std::max<int64_t>(4 * cols, 1)) / kTile * kTile);
+  R = std::min<int64_t>(R, std::max<int64_t>(rows, 1));
+  const int* rowmap = pv ? pv->at(pv->L.rowmap) : nullptr;
+  const int* colmap = pv ? pv->at(pv->L.colmap) : nullptr;
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const int64_t rr = std::min(R, rows - r0);
+    at::Tensor band = G.scalar_type() == at::kFloat ? at::mm(A.narrow(1, r0, rr).t(), B)
+                                                     : at::mm(A.narrow(1, r0, rr).t(), B, at::kFloat);
+    band = band.contiguous();
+    SPIEL_DISPATCH_INDEX(indices.scalar_type(), I_, "sddmm indices", [&] {
+      const int threads = 256;
+      sddmm_band_gather_kernel<I_><<<static_cast<unsigned>(ceil_div(k, threads)), threads, 0, stream>>>(
+          band.data_ptr<float>(), indices.data_ptr<I_>(), rowmap, colmap, ur, uc, out.data_ptr<float>(), k, n_in,
+          r0, rr, cols);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+}  // namespace
+
+at::Tensor sddmm_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
+                      int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& plan) {
+  TORCH_CHECK(grad_output.is_cuda() && input.is_cuda() && indices.is_cuda(), "sddmm: CUDA tensors expected");
+  TORCH_CHECK(grad_output.dim() == 2 && input.dim() == 2, "sddmm: grad_output and input must be 2-D");
+  TORCH_CHECK(grad_output.size(0) == input.size(0), "sddmm: grad_output and input must have the same tokens");
+  TORCH_CHECK(grad_output.size(1) == out_features && input.size(1) == in_features, "sddmm: feature sizes");
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "sddmm: grad_output and input dtypes differ");
+  TORCH_CHECK(grad_output.is_contiguous() && input.is_contiguous() && indices.is_contiguous(),
+              "sddmm: contiguous tensors expected");
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t k = indices.numel();
+  const int64_t T = grad_output.size(0);
+  at::Tensor out = at::empty({k}, grad_output.options().dtype(at::kFloat));
+  if (k == 0) return out;
+  if (T == 0) return out.zero_();
+
+  if (!plan.has_value()) {  // no plan: the vendor GEMM over row bands (correct, never slower than dense)
+    run_dense_blas(grad_output, input, indices, at::Tensor(), nullptr, out_features, in_features, out, stream);
+    return out;
+  }
+  const at::Tensor& p = *plan;
+  TORCH_CHECK(p.is_cuda() && p.dim() == 1 && p.scalar_type() == at::kInt && p.is_contiguous(),
+              "sddmm: plan must be the contiguous 1-D int32 CUDA tensor made by sddmm_plan");
+  PlanView pv;
+  pv.L = make_layout(k, out_features, in_features);
+  int64_t code = p.numel() - pv.L.base;
+  TORCH_CHECK(code >= 0 && code < int64_t(kNLevels) * kNLevels * kNStrategies * kNStrategies,
+              "sddmm: the plan was not built for these indices / shape");
+  pv.base = p.data_ptr<int>();
+  pv.strategy = static_cast<int>(code % kNStrategies);  // cuda strategy is the last digit
+  code /= kNStrategies * kNStrategies;
+  pv.level_r = static_cast<int>(code / kNLevels);
+  pv.level_c = static_cast<int>(code % kNLevels);
+  int strategy = pv.strategy;
+  if (grad_output.scalar_type() == at::kFloat) strategy = kSparse;  // exact fp32 products
+  switch (strategy) {
+    case kSparse:
+      run_sparse(grad_output, input, indices, pv, out_features, in_features, out, stream);
+      break;
+    case kDenseTile:
+      run_dense_tile(grad_output, input, indices, p, pv, out_features, in_features, out, stream);
+      break;
+    default:
+      run_dense_blas(grad_output, input, indices, p, &pv, out_features, in_features, out, stream);
+  }
+  return out;
+}
+
+}  // namespace spiel

@@ -1,0 +1,469 @@
+"""``SpielScheduler``: SpIEL's index updates (drop the smallest deltas, regrow new positions) for every
+SparseDeltaLinear of a model, in SpIEL-AG (accumulated gradients) or SpIEL-MA (SM3 momentum approximation)
+mode.
+
+Timeline (``S = reselection_steps``, ``gamma = accumulation_steps``, update steps ``U = S, 2S, ... < total``),
+with ``t`` the number of optimizer steps done; ``step()`` is called once after every optimizer step:
+
+- AG: after step ``U - gamma - 1`` (or at construction) the scheduler sets ``layer.gradient_probe``; in step
+  ``U - gamma`` the first backward through each layer calls the probe, which picks the layer's candidates: the
+  top ``n_regrow * candidates_per_slot`` positions of ``|dense gradient|`` outside the active indices, streamed
+  in row blocks (memory O(k + block)). After step ``U - gamma`` the candidates are installed with
+  ``layer.set_candidates``; during steps ``U - gamma + 1 .. U`` (gamma steps, every micro-batch) the layer's
+  backward accumulates their gradient in ``candidate_values.grad``, which ``step()`` moves into the scheduler's
+  fp32 accumulators (unscaled when a GradScaler is given). After step ``U``: drop + regrow by |accumulated
+  gradient|, candidates cleared.
+- MA: after step ``U``: drop + regrow the top positions of ``outer(row, col)`` of the SM3 accumulators,
+  excluding the active indices (``spiel.ops.topk_outer``, never out x in).
+
+Drop: the ``n = floor(drop_fraction(U) * k)`` active entries of smallest ``|value|`` leave (ties: the larger
+position leaves); ``n`` new positions enter with value 0 and fresh optimizer state; indices stay sorted; k is
+constant. ``drop_fraction(U)`` decays from ``drop_fraction`` to 0 over ``total_steps`` (linear or cosine).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..ops import topk_abs, topk_outer
+from ..optim.adamw import layer_shape, sparse_layers
+from . import _dist
+from ._select import top_gradient_entries, union_top
+
+__all__ = ["SpielScheduler", "drop_fraction_at"]
+
+_MODES = ("ag", "ma")
+_SCHEDULES = ("linear", "cosine", "constant")
+
+
+def drop_fraction_at(step: int, total_steps: int, initial: float, schedule: str = "linear") -> float:
+    """The drop fraction at (update) step ``step``: ``initial`` decaying to 0 at ``total_steps``."""
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    if schedule == "linear":
+        return initial * (1.0 - progress)
+    if schedule == "cosine":
+        return initial * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "constant":
+        return initial
+    raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+
+
+def _strip(name: str) -> str:
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def _scale_of(scaler) -> Optional[torch.Tensor]:
+    """The GradScaler's current scale as a tensor, without a host sync (None when no scaling)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # not created yet: get_scale() returns the initial scale without syncing
+        return torch.tensor(float(scaler.get_scale()), dtype=torch.float32)
+    return scale.detach().clone().float()
+
+
+def _check_int(name, value, lo) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+class _Probe:
+    """The callable set as ``layer.gradient_probe`` (holds the scheduler weakly)."""
+
+    def __init__(self, scheduler: "SpielScheduler"):
+        self._ref = weakref.ref(scheduler)
+
+    def __call__(self, layer, grad_output, input):
+        scheduler = self._ref()
+        if scheduler is None:
+            layer.gradient_probe = None
+            return
+        scheduler._on_probe(layer, grad_output, input)
+
+
+def _generic_reindex(optimizer, param, order, regrown) -> None:
+    """Fallback for optimizers without ``reindex`` (e.g. torch.optim.AdamW): permute every state tensor shaped
+    like the values, zero it at regrown slots (a shared scalar ``step`` cannot be reset per slot)."""
+    state = getattr(optimizer, "state", {}).get(param)
+    if not state:
+        return
+    src = order.clamp(min=0)
+    for key, t in list(state.items()):
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == order.shape[0] and key != "step":
+            state[key] = t.index_select(0, src).masked_fill_(regrown, 0)
+
+
+class SpielScheduler:
+    """SpIEL index-update scheduler for the SparseDeltaLinear layers of ``model``.
+
+    Args:
+        model: the model (``nn.Module``, DDP-wrapped is fine) or an iterable of SparseDeltaLinear layers.
+        optimizer: the optimizer of the layers' ``values`` (:class:`spiel.optim.SparseAdamW`, :class:`spiel.optim.SM3`
+            or any optimizer: spiel optimizers' ``reindex`` keeps per-slot state consistent; others get their
+            per-slot state tensors permuted and zeroed at regrown slots). ``mode="ma"`` needs an optimizer with
+            ``accumulators(layer) -> (row, col)`` (:class:`spiel.optim.SM3`).
+        mode: ``"ag"`` (accumulated gradients) or ``"ma"`` (SM3 momentum approximation).
+        total_steps: number of optimizer steps of the run (the drop fraction reaches 0 there; no update at or
+            after it). May be None until :meth:`set_total_steps` (SpielCallback sets it from the Trainer).
+        reselection_steps: S, steps between index updates (default 20).
+        accumulation_steps: gamma, AG: steps of candidate-gradient accumulation before each update (default 5,
+            1 <= gamma < S).
+        drop_fraction: fraction of each layer's k dropped (and regrown) at the first update (default 0.2),
+            decaying per ``schedule`` ("linear" default, "cosine", or "constant").
+        candidates_per_slot: AG: candidates per regrown index (default 1).
+        block_elements: AG: dense-gradient elements formed at once by the candidate probe (rows of
+            ``block_elements // in_features``; default 2**20).
+        grad_scaler: a ``torch.amp.GradScaler`` when training with fp16 loss scaling: candidate gradients are
+            divided by the scale used in their backward, and a step whose candidate gradients are not finite is
+            skipped. (Without it candidate gradients are summed as they are: fine for any constant scale, since
+            they are only ranked.) Call ``scaler.update()`` before ``scheduler.step()``.
+        process_group: torch.distributed group (default: the world, when initialised).
+        check_consistency: after each update, verify (one all-gather of checksums) that every rank holds the
+            same indices; raises RuntimeError otherwise.
+
+    Call :meth:`step` once after every optimizer step (after ``optimizer.step()``, before or after
+    ``zero_grad()``). Save/restore with :meth:`state_dict` / :meth:`load_state_dict` together with the model's
+    state_dict (the indices are buffers) and the optimizer's; load the model first.
+    """
+
+    def __init__(self, model, optimizer, mode: str = "ag", total_steps: Optional[int] = None, *,
+                 reselection_steps: int = 20, accumulation_steps: int = 5, drop_fraction: float = 0.2,
+                 schedule: str = "linear", candidates_per_slot: int = 1, block_elements: int = 1 << 20,
+                 grad_scaler=None, process_group=None, check_consistency: bool = False):
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+        if total_steps is not None:
+            _check_int("total_steps", total_steps, 1)
+        for name, value, lo in (("reselection_steps", reselection_steps, 1),
+                                ("accumulation_steps", accumulation_steps, 1),
+                                ("candidates_per_slot", candidates_per_slot, 1), ("block_elements", block_elements, 1)):
+            _check_int(name, value, lo)
+        if mode == "ag" and accumulation_steps >= reselection_steps:
+            raise ValueError(f"accumulation_steps ({accumulation_steps}) must be < reselection_steps "
+                             f"({reselection_steps})")
+        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 <= drop_fraction <= 1:
+            raise ValueError(f"drop_fraction must be a float in [0, 1], got {drop_fraction!r}")
+        if mode == "ma" and not callable(getattr(optimizer, "accumulators", None)):
+            raise TypeError("mode='ma' needs an optimizer with SM3 accumulators (spiel.optim.SM3)")
+        self.layers = sparse_layers(model)
+        self.optimizer = optimizer
+        self.mode = mode
+        self.total_steps = total_steps
+        self.reselection_steps = reselection_steps
+        self.accumulation_steps = accumulation_steps
+        self.drop_fraction = float(drop_fraction)
+        self.schedule = schedule
+        self.candidates_per_slot = candidates_per_slot
+        self.block_elements = block_elements
+        self.grad_scaler = grad_scaler
+        self.process_group = process_group
+        self.check_consistency = check_consistency
+        self.step_count = 0
+        self._by_id = {id(layer): (name, layer) for name, layer in self.layers}
+        self._by_name = {name: layer for name, layer in self.layers}
+        self._probe = _Probe(self)
+        self._armed_for: Optional[int] = None
+        self._armed: Dict[str, int] = {}  # layer name -> number of candidates wanted
+        self._probe_results: Dict[str, tuple] = {}
+        self._window: Optional[dict] = None  # installed candidates: update step, names, accumulators
+        self._scale: Optional[torch.Tensor] = None
+        self.last_update: Dict[str, int] = {}  # layer name -> indices replaced at the last update
+        self._maybe_arm()
+
+    # ---------------------------------------------------------------------------------------- schedule
+    def drop_fraction_at(self, step: int) -> float:
+        return drop_fraction_at(step, self.total_steps, self.drop_fraction, self.schedule)
+
+    def is_update_step(self, step: int) -> bool:
+        if self.total_steps is None:
+            return False
+        return step > 0 and step % self.reselection_steps == 0 and step < self.total_steps
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the run length (when the scheduler was built with ``total_steps=None``, e.g. by SpielCallback
+        from the Trainer's ``max_steps``)."""
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self._maybe_arm()
+
+    def reset(self, step_count: int = 0) -> None:
+        """Drop pending probes and candidates and continue counting from ``step_count``."""
+        self._disarm()
+        self._clear_window()
+        self.step_count = _check_int("step_count", step_count, 0)
+        self._scale = None
+        self._maybe_arm()
+
+    def num_regrow(self, layer, step: int) -> int:
+        """Indices of ``layer`` dropped and regrown at update step ``step``."""
+        k = layer.values.numel()
+        out_f, in_f = layer_shape(layer)
+        n = int(math.floor(self.drop_fraction_at(step) * k + 1e-9))
+        return max(0, min(n, k, out_f * in_f - k))
+
+    @property
+    def next_update_step(self) -> Optional[int]:
+        nxt = (self.step_count // self.reselection_steps + 1) * self.reselection_steps
+        return nxt if self.is_update_step(nxt) else None
+
+    # ---------------------------------------------------------------------------------------- main entry
+    def step(self) -> None:
+        """Advance by one optimizer step; runs the index update when it is due. No host sync except during an
+        index update (every ``reselection_steps``) and the candidate installation of AG."""
+        if self.total_steps is None:
+            raise RuntimeError("SpielScheduler.step(): total_steps is not set (pass it or call set_total_steps)")
+        t = self.step_count + 1
+        self.step_count = t
+        if self._window is not None:
+            self._harvest()
+        if self._armed_for is not None and t >= self._armed_for - self.accumulation_steps:
+            self._install()
+        if self.is_update_step(t):
+            self._update(t)
+        elif self._window is not None and self._window["update"] <= t:
+            self._clear_window()
+        self._maybe_arm()
+        self._scale = _scale_of(self.grad_scaler) if self._window is not None else None
+
+    # ---------------------------------------------------------------------------------------- AG: probe
+    def _maybe_arm(self) -> None:
+        if self.mode != "ag" or self._armed_for is not None or self._window is not None:
+            return
+        update = self.step_count + 1 + self.accumulation_steps
+        if not self.is_update_step(update):
+            return
+        wanted = {}
+        for name, layer in self.layers:
+            n = self.num_regrow(layer, update)
+            if n > 0:
+                out_f, in_f = layer_shape(layer)
+                wanted[name] = min(n * self.candidates_per_slot, out_f * in_f - layer.values.numel())
+        if not wanted:
+            return
+        self._armed_for = update
+        self._armed = wanted
+        self._probe_results = {}
+        for name in wanted:
+            self._by_name[name].gradient_probe = self._probe
+
+    def _disarm(self) -> None:
+        for name in self._armed:
+            layer = self._by_name[name]
+            if layer.gradient_probe is self._probe:
+                layer.gradient_probe = None
+        self._armed_for = None
+        self._armed = {}
+        self._probe_results = {}
+
+    def _on_probe(self, layer, grad_output, input) -> None:
+        name, _ = self._by_id.get(id(layer), (None, None))
+        if layer.gradient_probe is self._probe:
+            layer.gradient_probe = None  # fired: later backwards of this step don't probe again
+        if name is None or name not in self._armed or name in self._probe_results:
+            return
+        self._probe_results[name] = top_gradient_entries(grad_output, input, layer.indices, self._armed[name],
+                                                         self.block_elements)
+
+    def _install(self) -> None:
+        """Turn the probe results into installed candidates (identical on every rank)."""
+        update, armed, results = self._armed_for, self._armed, self._probe_results
+        self._disarm()
+        names = list(armed)  # model order: identical on every rank
+        chosen: Dict[str, torch.Tensor] = {}
+        size, _ = _dist.world(self.process_group)
+        if size > 1:
+            device = self.layers[0][1].values.device
+            c_total = sum(armed.values())
+            pos = torch.full((c_total,), -1.0, dtype=torch.float64, device=device)
+            score = torch.zeros(c_total, dtype=torch.float64, device=device)
+            off = 0
+            for name in names:
+                if name in results:
+                    p, s = results[name]
+                    pos[off:off + p.numel()] = p.to(device=device, dtype=torch.float64)
+                    score[off:off + s.numel()] = s.to(device=device, dtype=torch.float64)
+                off += armed[name]
+            gathered = _dist.all_gather_stack(torch.cat([pos, score]), self.process_group)
+            all_pos, all_score = gathered[:, :c_total].to(torch.int64), gathered[:, c_total:]
+            off = 0
+            for name in names:
+                c = armed[name]
+                sel = union_top(all_pos[:, off:off + c], all_score[:, off:off + c], c)
+                off += c
+                if sel is not None:
+                    chosen[name] = sel
+        else:
+            for name in names:
+                if name in results:
+                    chosen[name] = results[name][0]
+        win_names, accs = [], []
+        for name in names:
+            if name not in chosen or chosen[name].numel() == 0:
+                continue
+            layer = self._by_name[name]
+            layer.set_candidates(chosen[name].to(layer.indices.device))
+            win_names.append(name)
+            accs.append(torch.zeros(chosen[name].numel(), dtype=torch.float32, device=layer.indices.device))
+        self._window = {"update": update, "names": win_names, "accs": accs} if win_names else None
+
+    @torch.no_grad()
+    def _harvest(self) -> None:
+        """Move this step's candidate gradients into the fp32 accumulators (unscaled; skipped if not finite)."""
+        win = self._window
+        by_device = defaultdict(list)
+        for i, name in enumerate(win["names"]):
+            layer = self._by_name[name]
+            cv = getattr(layer, "candidate_values", None)
+            grad = None if cv is None else cv.grad
+            if grad is not None:
+                by_device[grad.device].append((i, grad))
+        for device, items in by_device.items():
+            grads = [g for _, g in items]
+            accs = [win["accs"][i] for i, _ in items]
+            flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
+            flat = flat.float()
+            if self._scale is not None:
+                flat.div_(self._scale.to(device))
+            flat = torch.where(torch.isfinite(flat).all(), flat, torch.zeros((), device=device))
+            torch._foreach_add_(accs, list(flat.split([a.numel() for a in accs])))
+            torch._foreach_zero_(grads)
+
+    def _clear_window(self) -> None:
+        if self._window is not None:
+            for name in self._window["names"]:
+                layer = self._by_name[name]
+                if getattr(layer, "candidates", None) is not None:
+                    layer.clear_candidates()
+        self._window = None
+
+    # ---------------------------------------------------------------------------------------- update
+    @torch.no_grad()
+    def _update(self, t: int) -> None:
+        self.last_update = {}
+        plans = []  # (name, layer, regrow positions)
+        if self.mode == "ag":
+            win = self._window
+            if win is None or win["update"] != t:
+                self._clear_window()
+                return
+            accs = win["accs"]
+            if _dist.world(self.process_group)[0] > 1 and accs:
+                flat = _dist.sum_consensus(torch.cat(accs), self.process_group)
+                accs = list(flat.split([a.numel() for a in accs]))
+            for name, acc in zip(win["names"], accs):
+                layer = self._by_name[name]
+                cands = layer.candidates.long()
+                n = min(self.num_regrow(layer, t), cands.numel())
+                if n > 0:
+                    plans.append((name, layer, cands.index_select(0, topk_abs(acc, n))))
+            self._clear_window()
+        else:
+            todo = [(name, layer, self.num_regrow(layer, t)) for name, layer in self.layers]
+            todo = [item for item in todo if item[2] > 0]
+            stats = [self.optimizer.accumulators(layer) for _, layer, _ in todo]
+            if _dist.world(self.process_group)[0] > 1 and todo:
+                sizes = [s.numel() for rc in stats for s in rc]
+                flat = _dist.max_consensus(torch.cat([s.float() for rc in stats for s in rc]), self.process_group)
+                parts = list(flat.split(sizes))
+                stats = [(parts[2 * i], parts[2 * i + 1]) for i in range(len(todo))]
+            for (name, layer, n), (row, col) in zip(todo, stats):
+                plans.append((name, layer, topk_outer(row.float(), col.float(), n, exclude=layer.indices)))
+        for name, layer, regrow in plans:
+            self._apply(layer, regrow)
+            self.last_update[name] = regrow.numel()
+        if self.check_consistency and _dist.world(self.process_group)[0] > 1:
+            self._verify()
+
+    def _apply(self, layer, regrow: torch.Tensor) -> None:
+        """Drop ``len(regrow)`` smallest-|value| entries, insert ``regrow`` (value 0), keep indices sorted, and
+        permute the optimizer's per-slot state."""
+        values = layer.values.detach()
+        old = layer.indices
+        k, n = values.numel(), regrow.numel()
+        keep = torch.sort(topk_abs(values, k - n)).values
+        merged = torch.cat([old.index_select(0, keep).long(), regrow.to(device=old.device, dtype=torch.int64)])
+        new_idx, perm = torch.sort(merged)
+        src = torch.cat([keep, torch.full((n,), -1, dtype=torch.int64, device=old.device)]).index_select(0, perm)
+        regrown = src < 0
+        new_values = values.index_select(0, src.clamp(min=0)).masked_fill_(regrown, 0)
+        layer.set_indices(new_idx.to(old.dtype), new_values)
+        reindex = getattr(self.optimizer, "reindex", None)
+        if callable(reindex):
+            reindex(layer, src, regrown)
+        else:
+            _generic_reindex(self.optimizer, layer.values, src, regrown)
+
+    def _verify(self) -> None:
+        sums = []
+        for _, layer in self.layers:
+            idx = layer.indices.long()
+            weights = torch.arange(1, idx.numel() + 1, device=idx.device, dtype=torch.int64)
+            sums.append(torch.stack([(idx * weights).sum(), idx.sum(), torch.tensor(idx.numel(), device=idx.device)]))
+        local = torch.stack(sums) if sums else torch.zeros(0, 3, dtype=torch.int64)
+        if not _dist.same_on_all_ranks(local, self.process_group):
+            raise RuntimeError("SpielScheduler: ranks hold different indices after the update at step "
+                               f"{self.step_count} (are the values replicated, e.g. by DDP?)")
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Step count, hyperparameters and pending AG candidates with their accumulated gradients (the
+        indices themselves live in the model's state_dict)."""
+        window = None
+        if self._window is not None:
+            window = {"update": self._window["update"], "names": list(self._window["names"]),
+                      "candidates": [self._by_name[n].candidates.detach().clone() for n in self._window["names"]],
+                      "accs": [a.detach().clone() for a in self._window["accs"]]}
+        return {"version": 1, "mode": self.mode, "step_count": self.step_count, "total_steps": self.total_steps,
+                "reselection_steps": self.reselection_steps, "accumulation_steps": self.accumulation_steps,
+                "drop_fraction": self.drop_fraction, "schedule": self.schedule,
+                "candidates_per_slot": self.candidates_per_slot, "window": window,
+                "scale": None if self._scale is None else self._scale.clone(),
+                "layer_names": [n for n, _ in self.layers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (after loading the model's state_dict, which clears candidates)."""
+        if state.get("mode") != self.mode:
+            raise ValueError(f"state_dict is for mode {state.get('mode')!r}, this scheduler is {self.mode!r}")
+        names = state.get("layer_names")
+        if names is not None and len(names) != len(self.layers):
+            raise ValueError(f"state_dict has {len(names)} sparse layers, the model has {len(self.layers)}")
+        for key in ("total_steps", "reselection_steps", "accumulation_steps", "drop_fraction", "schedule",
+                    "candidates_per_slot"):
+            setattr(self, key, state[key])
+        self._disarm()
+        self._clear_window()
+        for _, layer in self.layers:  # candidates left from anything else
+            if getattr(layer, "candidates", None) is not None:
+                layer.clear_candidates()
+        self.step_count = int(state["step_count"])
+        window = state.get("window")
+        if window is not None:
+            lookup = {_strip(n): layer for n, layer in self.layers}
+            saved_names = names or window["names"]
+            positional = {_strip(s): self.layers[i][0] for i, s in enumerate(saved_names)} if names else {}
+            win_names, accs = [], []
+            for name, cand, acc in zip(window["names"], window["candidates"], window["accs"]):
+                key = _strip(name)
+                layer = lookup.get(key)
+                if layer is None and key in positional:
+                    layer = self._by_name[positional[key]]
+                if layer is None:
+                    raise ValueError(f"state_dict has candidates for unknown layer {name!r}")
+                layer.set_candidates(cand.to(layer.indices.device))
+                win_names.append(self._by_id[id(layer)][0])
+                accs.append(acc.to(device=layer.indices.device, dtype=torch.float32).clone())
+            self._window = {"update": int(window["update"]), "names": win_names, "accs": accs}
+        scale = state.get("scale")
+        self._scale = None if scale is None else scale.clone()
+        self._maybe_arm()

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# On a GPU machine: build spiel._C, run the GPU tests, compute-sanitizer on the CUDA kernels and the
+# benchmarks, then print a short summary. Stages (default: all but e2e):
+#   tests/gpu/run.sh [build] [test] [sanitize] [bench] [e2e]
+# Logs go to $OUT (default /tmp/spiel-gpu). bitsandbytes wheels in .whl/ are installed to /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-/tmp/spiel-gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stages="${*:-build test sanitize bench}"
+summary=()
+has() { [[ " $stages " == *" $1 "* ]]; }
+note() { summary+=("$1"); echo "== $1"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+if has build; then
+  t0=$(date +%s)
+  if SPIEL_CUDA_ARCHS="${SPIEL_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" python3 setup.py build_ext --inplace \
+       >"$OUT/build.log" 2>&1; then
+    note "build: ok in $(( $(date +%s) - t0 )) s"
+  else
+    tail -40 "$OUT/build.log"; note "build: FAILED (see build.log)"
+  fi
+  python3 -c "import spiel.ops as o; print({k: (v['available'], v['reason']) for k, v in o.backend_info().items() if isinstance(v, dict)})"
+fi
+
+if has test; then
+  python3 -m pytest tests -q -x -ra -p no:cacheprovider --timeout=600 -m gpu >"$OUT/gpu_tests.log" 2>&1
+  rc=$?
+  tail -25 "$OUT/gpu_tests.log"
+  note "gpu tests: $(tail -1 "$OUT/gpu_tests.log") (rc $rc)"
+fi
+
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    if compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/gpu/sanitize_driver.py >"$OUT/sanitize_$tool.log" 2>&1; then
+      note "compute-sanitizer $tool: clean ($(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitize_$tool.log") summaries)"
+    else
+      tail -30 "$OUT/sanitize_$tool.log"; note "compute-sanitizer $tool: ERRORS (see sanitize_$tool.log)"
+    fi
+  done
+fi
+
+if has bench; then
+  for script in bench_forward bench_sddmm bench_layer; do
+    if [ -f "benchmarks/$script.py" ]; then
+      timeout 300 python3 "benchmarks/$script.py" >"$OUT/$script.log" 2>&1; rc=$?
+      tail -60 "$OUT/$script.log"
+      note "$script: rc $rc"
+    fi
+  done
+fi
+
+if has e2e; then
+  timeout 560 python3 benchmarks/bench_e2e.py --model 7b ${E2E_ARGS:-} >"$OUT/bench_e2e.log" 2>&1; rc=$?
+  tail -40 "$OUT/bench_e2e.log"
+  note "bench_e2e: rc $rc"
+fi
+
+echo; echo "==== summary ===="; printf '%s\n' "${summary[@]}"

@@ -1,0 +1,367 @@
+"""The delta gradient ``sddmm``: reference vs float64, the plan (sddmm_plan.py), and the Triton kernels.
+
+The Triton kernels run on the CPU through Triton's interpreter, which must be on (``TRITON_INTERPRET=1``)
+before triton is imported -- and conftest.py imports spiel (hence triton) first. So those checks run in ONE
+child process (``python tests/test_sddmm.py``, started once per session by a module fixture) that reports
+one result per group; each group is one pytest test. Every strategy (sparse, dense_tile with both
+epilogues, dense_blas) is forced in turn on the same inputs; inputs are fresh random (never zeros); the
+allocator is poisoned with NaN before each call. The ``check_*`` functions take a device and a kernel and
+are reused on CUDA by tests/gpu/test_sddmm_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+STRATEGIES = ("sparse", "dense_tile", "dense_blas")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+INDEX_DTYPES = [torch.int32, torch.int64]
+
+
+# ---- helpers (shared with the GPU tests) ----------------------------------------------------------------
+
+def gen(device, *key) -> torch.Generator:
+    seed = 0
+    for part in key:
+        for ch in str(part):
+            seed = (seed * 131 + ord(ch)) % (2**31 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(shape, dtype, g, device):
+    x = torch.randn(shape, generator=g, device=device).to(dtype)
+    return torch.where(x == 0, torch.ones_like(x), x)  # never zeros (also after rounding)
+
+
+def make_indices(out_f, in_f, k, kind, dtype, g, device):
+    """k unique flat positions. kind: "random" (sorted), "layer" (cat of two sorted disjoint runs, as the
+    layer passes cat(indices, candidates)), "concentrated" (inside 10% of rows x 10% of cols)."""
+    n = out_f * in_f
+    if kind == "concentrated":
+        rows = torch.randperm(out_f, generator=g, device=device)[:max(1, out_f // 10)]
+        cols = torch.randperm(in_f, generator=g, device=device)[:max(1, in_f // 10)]
+        full = (rows[:, None] * in_f + cols[None, :]).reshape(-1)
+        k = min(k, full.numel())
+        pick = full[torch.randperm(full.numel(), generator=g, device=device)[:k]]
+        return pick.sort().values.to(dtype)
+    k = min(k, n)
+    pick = torch.randperm(n, generator=g, device=device)[:k]
+    if kind == "layer":
+        a = k * 2 // 3
+        return torch.cat([pick[:a].sort().values, pick[a:].sort().values]).to(dtype)
+    return pick.sort().values.to(dtype)
+
+
+def exact(grad_output, input, indices, in_f):
+    """float64 result and the per-entry scale sum_t |g||x| (for the fp32 error bound)."""
+    idx = indices.long()
+    r, c = idx // in_f, idx % in_f
+    g = grad_output.double()
+    x = input.double()
+    want = torch.einsum("tk,tk->k", g[:, r], x[:, c])
+    scale = torch.einsum("tk,tk->k", g[:, r].abs(), x[:, c].abs())
+    return want, scale
+
+
+def assert_close_fp32(got, want, scale, T, what=""):
+    assert got.dtype == torch.float32 and got.shape == want.shape, (what, got.dtype, got.shape)
+    assert torch.isfinite(got).all(), f"{what}: non-finite results"
+    tol = (T + 16) * 2.0**-23 * scale + 1e-30
+    err = (got.double() - want).abs()
+    bad = err > tol
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {got.numel()} entries off; worst err "
+                           f"{err.max().item():.3g}, tol there {tol[err.argmax()].item():.3g}")
+
+
+def poison_allocator(device, nbytes=1 << 22):
+    """Fill and free a block so the next torch.empty calls see NaN garbage rather than zeros."""
+    t = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
+    del t
+
+
+# (T, out, in, k, kind): odd shapes, tiny T, T large enough for T splits, full and empty index sets
+CASES = [
+    (1, 5, 7, 35, "random"),
+    (7, 5, 7, 0, "random"),
+    (3, 1, 1, 1, "random"),
+    (37, 45, 300, 500, "layer"),
+    (7, 130, 257, 130 * 257, "random"),
+    (1000, 45, 300, 300, "layer"),
+    (600, 200, 260, 400, "concentrated"),
+    (300, 129, 131, 129 * 131 // 3, "layer"),
+]
+
+
+def check_kernel(kernel, device, cases=CASES, dtypes=DTYPES, index_dtypes=INDEX_DTYPES, strategy=None,
+                 plan_kw=None, plan_fn=None, determinism=False):
+    """Run ``kernel(G, X, idx, out, in, plan[, strategy])`` over ``cases`` against float64."""
+    from spiel.ops.backends import sddmm_plan as P
+
+    n = 0
+    for (T, out_f, in_f, k, kind) in cases:
+        for dtype in dtypes:
+            for idt in index_dtypes:
+                g = gen(device, T, out_f, in_f, k, kind, dtype, idt)
+                G = randn((T, out_f), dtype, g, device)
+                X = randn((T, in_f), dtype, g, device)
+                idx = make_indices(out_f, in_f, k, kind, idt, g, device)
+                plan = P.build_plan(idx, out_f, in_f, **(plan_kw or {}))
+                if plan_fn is not None:
+                    plan = plan_fn(plan, idx.numel(), out_f, in_f)
+                want, scale = exact(G, X, idx, in_f)
+                poison_allocator(device)
+                args = (G, X, idx, out_f, in_f, plan) + ((strategy,) if strategy else ())
+                got = kernel(*args)
+                what = f"T={T} {out_f}x{in_f} k={idx.numel()} {kind} {dtype} {idt} strategy={strategy}"
+                assert_close_fp32(got, want, scale, T, what)
+                if determinism:
+                    poison_allocator(device)
+                    again = kernel(*args)
+                    assert torch.equal(got, again), f"{what}: two runs differ"
+                n += 1
+    return n
+
+
+# ---- in-process: the reference and the plan --------------------------------------------------------------
+
+def _ref():
+    from spiel.ops._dispatch import kernel_for
+    import spiel.ops  # noqa: F401  (registers)
+
+    return kernel_for("sddmm", "torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_reference_matches_float64(dtype):
+    ref = _ref()
+    for (T, out_f, in_f, k, kind) in CASES:
+        for idt in INDEX_DTYPES:
+            g = gen("cpu", "ref", T, out_f, in_f, k, kind, dtype, idt)
+            G = randn((T, out_f), dtype, g, "cpu")
+            X = randn((T, in_f), dtype, g, "cpu")
+            idx = make_indices(out_f, in_f, k, kind, idt, g, "cpu")
+            got = ref(G, X, idx, out_f, in_f, None)
+            want, scale = exact(G, X, idx, in_f)
+            if dtype == torch.float64:
+                assert got.dtype == torch.float64
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            else:
+                assert_close_fp32(got, want, scale, T, f"reference {dtype}")
+
+
+def test_reference_chunks_keep_memory_bounded():
+    """T * chunk stays within the budget (the reference never gathers all k columns at once)."""
+    from spiel.ops.backends.reference import sddmm as R
+
+    T, out_f, in_f = 5000, 40, 50
+    g = gen("cpu", "chunks")
+    G, X = randn((T, out_f), torch.float32, g, "cpu"), randn((T, in_f), torch.float32, g, "cpu")
+    idx = make_indices(out_f, in_f, 2000, "random", torch.int64, g, "cpu")
+    assert max(1, min(1 << 12, R._BUDGET // T)) * T <= R._BUDGET
+    want, scale = exact(G, X, idx, in_f)
+    assert_close_fp32(R.sddmm(G, X, idx, out_f, in_f, None), want, scale, T)
+
+
+def test_public_op_on_cpu():
+    import spiel.ops as ops
+
+    g = gen("cpu", "public")
+    G, X = randn((3, 4, 30), torch.bfloat16, g, "cpu"), randn((3, 4, 20), torch.bfloat16, g, "cpu")
+    idx = make_indices(30, 20, 77, "layer", torch.int32, g, "cpu")
+    plan = ops.sddmm_plan(idx, 30, 20)
+    got = ops.sddmm(G, X, idx, 30, 20, plan=plan)
+    want, scale = exact(G.reshape(-1, 30), X.reshape(-1, 20), idx, 20)
+    assert_close_fp32(got, want, scale, 12)
+    assert ops.sddmm(G, X, idx[:0], 30, 20).shape == (0,)
+
+
+@pytest.mark.parametrize("case", CASES + [(1, 4096, 4096, 16777, "random"), (1, 300, 5000, 3000, "concentrated"),
+                                          (1, 2100, 4200, 300000, "random")])
+def test_plan_invariants(case):
+    from spiel.ops.backends import sddmm_plan as P
+
+    _, out_f, in_f, k, kind = case
+    g = gen("cpu", "plan", *case)
+    idx = make_indices(out_f, in_f, k, kind, torch.int64, g, "cpu")
+    if kind == "layer" or k > 1:  # any order must work: shuffle
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+    k = idx.numel()
+    plan = P.build_plan(idx, out_f, in_f)
+    assert plan.dtype == torch.int32 and plan.dim() == 1
+    info = P.plan_code(plan, k, out_f, in_f)
+    st = P.plan_stats(plan, k, out_f, in_f)
+    s = P.sections(plan, k, out_f, in_f)
+    r_all, c_all = idx // in_f, idx % in_f
+    assert st["nR"] == r_all.unique().numel() and st["nC"] == c_all.unique().numel()
+    perm = s["perm"].long()
+    assert torch.equal(perm.sort().values, torch.arange(k))
+    ntr, ntc = P.grid_dims(out_f, in_f)
+    # direct tiles: contiguous runs, each inside its tile, slot map consistent
+    tl, tp = s["tile_list"].long(), s["tile_ptr"].long()
+    seen = 0
+    for q in range(st["n_tiles"]):
+        e = idx[perm[tp[q]:tp[q + 1]]]
+        assert tp[q + 1] > tp[q]
+        assert torch.all((e // in_f) // P.TILE * ntc + (e % in_f) // P.TILE == tl[q])
+        assert s["tile_slot"][tl[q]] == q
+        seen += int(tp[q + 1] - tp[q])
+    assert seen == k and int(tp[st["n_tiles"]]) == k
+    assert int((s["tile_slot"] >= 0).sum()) == st["n_tiles"]
+    # sparse items: <= E_MAX entries, spans bound the entries and fit one superblock
+    items = s["items"].view(-1, 6).long()
+    covered = 0
+    for w in range(st["n_items"]):
+        b, e_, r0, nr, c0, nc = items[w].tolist()
+        e = idx[perm[b:e_]]
+        assert 0 < e_ - b <= P.E_MAX and b == covered
+        covered = e_
+        rr, cc = e // in_f, e % in_f
+        assert rr.min() == r0 and rr.max() == r0 + nr - 1 and cc.min() == c0 and cc.max() == c0 + nc - 1
+        assert r0 // (P.SB * P.TILE) == (r0 + nr - 1) // (P.SB * P.TILE)
+        assert c0 // (P.SB * P.TILE) == (c0 + nc - 1) // (P.SB * P.TILE)
+    assert covered == k
+    # compaction: maps are consistent and the compact tiles cover every entry once
+    lr, lc = info["level_r"], info["level_c"]
+    rmap, cmap = s["rowmap"].long(), s["colmap"].long()
+    cr = rmap[r_all] if lr else r_all
+    cc = cmap[c_all] if lc else c_all
+    if lr:
+        assert torch.equal(s["rowlist"].long()[cr], r_all) and int(cr.max()) < P.cap(out_f, lr)
+    if lc:
+        assert torch.equal(s["collist"].long()[cc], c_all) and int(cc.max()) < P.cap(in_f, lc)
+    cperm, ctl, ctp = s["cperm"].long(), s["ctile_list"].long(), s["ctile_ptr"].long()
+    assert torch.equal(cperm.sort().values, torch.arange(k))
+    seen = 0
+    for q in range(st["n_ctiles"]):
+        sel = cperm[ctp[q]:ctp[q + 1]]
+        assert torch.all(cr[sel] // P.TILE * ntc + cc[sel] // P.TILE == ctl[q])
+        seen += sel.numel()
+    assert seen == k
+
+
+def test_plan_code_and_overrides():
+    from spiel.ops.backends import sddmm_plan as P
+
+    g = gen("cpu", "code")
+    idx = make_indices(300, 500, 1000, "random", torch.int32, g, "cpu")
+    plan = P.build_plan(idx, 300, 500, triton="dense_blas", cuda="dense_tile")
+    info = P.plan_code(plan, 1000, 300, 500)
+    assert info["triton"] == "dense_blas" and info["cuda"] == "dense_tile"
+    assert P.choose_strategy(8192, 300, 500, 1000, plan, backend="cuda") == "dense_tile"
+    p2 = P.with_strategy(plan, 1000, 300, 500, cuda="sparse")
+    assert P.plan_code(p2, 1000, 300, 500)["cuda"] == "sparse"
+    assert P.plan_code(p2, 1000, 300, 500)["triton"] == "dense_blas"
+    assert torch.equal(p2[:P.base_len(1000, 300, 500)], plan[:P.base_len(1000, 300, 500)])
+    with pytest.raises(ValueError):
+        P.plan_code(plan, 999, 300, 500)  # a plan for other indices is refused
+    for code in range(P.N_CODES):
+        d = P.decode(code)
+        assert P.encode(d["level_r"], d["level_c"], d["triton"], d["cuda"]) == code
+
+
+def test_cost_model_picks():
+    """Sanity of the model on the benchmark's points: sparse at 0.1% random, dense at 2.4% random, a
+    compacted dense strategy for the concentrated mask at 1%."""
+    from spiel.ops.backends import sddmm_plan as P
+
+    n = 4096
+    for backend in ("cuda", "triton"):
+        k = n * n // 1000
+        st = {"n_tiles": 1024, "n_items": 3, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 3 * 3000}
+        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) == "sparse"
+        k = n * n * 24 // 1000
+        st = {"n_tiles": 1024, "n_items": 50, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 50 * 2300}
+        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) != "sparse"
+        k = n * n // 100
+        st = {"n_tiles": 1024, "n_items": 21, "nR": 410, "nC": 410, "n_ctiles": 16, "span_sum": 21 * 4096}
+        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) != "sparse"
+
+
+# ---- the Triton kernels, in a child process under the interpreter -----------------------------------------
+
+def _groups():
+    """name -> callable(device) for the interpreter child (and reused on GPU)."""
+    from spiel.ops.backends.triton import sddmm as TS
+
+    def forced(strategy, gather=None):
+        def fn(G, X, idx, o, i, plan):
+            if gather is not None:
+                TS._GATHER_OK["value"] = gather
+            return TS.sddmm(G, X, idx, o, i, plan, strategy=strategy)
+        return fn
+
+    groups = {
+        "triton_sparse": lambda d: check_kernel(forced("sparse"), d),
+        "triton_dense_tile_gather": lambda d: check_kernel(forced("dense_tile", True), d),
+        "triton_dense_tile_scratch": lambda d: check_kernel(forced("dense_tile", False), d,
+                                                            dtypes=[torch.bfloat16]),
+        "triton_dense_tile_direct": lambda d: check_kernel(forced("dense_tile", True), d, dtypes=[torch.float16],
+                                                           plan_kw={"compaction": False}),
+        "triton_dense_blas": lambda d: check_kernel(forced("dense_blas"), d),
+        "triton_plan_choice": lambda d: check_kernel(lambda *a: TS.sddmm(*a), d, dtypes=[torch.bfloat16],
+                                                     determinism=True),
+        "triton_no_plan": lambda d: check_kernel(lambda G, X, idx, o, i, plan: TS.sddmm(G, X, idx, o, i, None), d,
+                                                 dtypes=[torch.float16], index_dtypes=[torch.int32]),
+    }
+    return groups
+
+
+def _child_main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name, fn in _groups().items():
+        t0 = time.time()
+        try:
+            n = fn("cpu")
+            results[name] = {"ok": True, "msg": f"{n} checks in {time.time() - t0:.1f}s"}
+        except Exception:
+            results[name] = {"ok": False, "msg": traceback.format_exc()[-3000:]}
+    print("SDDMM_RESULTS " + json.dumps(results))
+    return 0
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
+        results = {}
+        for name, fn in _groups().items():
+            try:
+                results[name] = {"ok": True, "msg": f"{fn('cpu')} checks"}
+            except Exception:
+                results[name] = {"ok": False, "msg": traceback.format_exc()[-3000:]}
+        return results
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=1800, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("SDDMM_RESULTS "):
+            return json.loads(line[len("SDDMM_RESULTS "):])
+    raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+@pytest.mark.parametrize("group", ["triton_sparse", "triton_dense_tile_gather", "triton_dense_tile_scratch",
+                                   "triton_dense_tile_direct", "triton_dense_blas", "triton_plan_choice",
+                                   "triton_no_plan"])
+def test_triton_interpreted(interpreter_results, group):
+    res = interpreter_results[group]
+    assert res["ok"], res["msg"]
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
