@@ -38,7 +38,7 @@ import providers as P  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMALL_SHAPES = [(64, 64), (96, 64), (64, 96)]
-ALL_PROVIDERS = ["gemm-fwd", "gemm-dX", "gemm-dW", "frozen", "full", "published", "spiel", "spiel-torch",
+ALL_PROVIDERS = ["frozen", "gemm-fwd", "gemm-dX", "gemm-dW", "full", "published", "spiel", "spiel-torch",
                  "spiel-triton", "spiel-cuda", "spiel-fp8", "spiel-nf4", "lora", "peft-lora", "qlora",
                  "frozen-nf4", "published-nf4"]
 # providers measured at both densities (the others do not depend on k)
@@ -124,9 +124,17 @@ def make_factories(out_f, in_f, tokens, k, device, dtype, rank, weight_cache):
                 info = ops.backend_info()[backend]
                 if not info["available"]:
                     raise Skip(f"backend {backend} unavailable: {info['reason'][:80]}")
+                needs_cuda = backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1")
+                if device.type != "cuda" and needs_cuda:
+                    raise Skip(f"backend {backend} needs CUDA tensors")
+            note = ""
+            if backend != "auto":
+                missing = sorted({"merge_delta", "sddmm"} - set(ops.backend_info()[backend]["kernels"]))
+                if missing:
+                    note = f"{backend} lacks {','.join(missing)}: reference used there"
             mod = P.SpielOpsLinear(weight(), k, **kw)
             ctx = (lambda: ops.use_backend(backend))
-            return training_step(mod, [mod.values], inputs(), context=ctx)
+            return training_step(mod, [mod.values], inputs(), context=ctx), note
         return factory
 
     def spiel_fp8():
@@ -207,6 +215,7 @@ def main(argv=None) -> int:
     else:
         shapes = SMALL_SHAPES if args.small else SHAPES
     wanted = ALL_PROVIDERS if not args.providers else [p.strip() for p in args.providers.split(",") if p.strip()]
+    wanted = sorted(dict.fromkeys(wanted), key=lambda p: p != "frozen")  # the reference first
     unknown = [p for p in wanted if p not in ALL_PROVIDERS]
     if unknown:
         raise SystemExit(f"unknown providers {unknown}; choose from {ALL_PROVIDERS}")
@@ -237,7 +246,7 @@ def main(argv=None) -> int:
                             "extra": {"T": tokens, "rank": rank, "dtype": "bf16", "out": out_f, "in": in_f,
                                       "matched": f"r{rank}" if k == k_lora else f"{args.low_density:g}"}}
                     row = runner.run(case, f"{name}@{k}" if name in SPARSE else name, facts[k][name], info,
-                                     ref_ms=ref_ms)
+                                     ref_ms=ref_ms, reference=name == "frozen")
                     note = str(row.get("note") or "")
                     if note.startswith("skipped"):  # reasons do not depend on the shape: say it once
                         skipped_for_good[name] = note

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,9 @@ CSV_COLUMNS = [
 
 
 class Skip(Exception):
-    """Raised by a provider factory when the provider cannot run here (optional package, missing option)."""
+    """Raised by a provider factory when the provider cannot run here (optional package, missing option).
+
+    A factory returns the step callable, or ``(step, note)`` to attach a note to its row."""
 
 
 class ContextLost(RuntimeError):
@@ -389,9 +390,9 @@ class Runner:
 
     def run(self, case: str, provider: str, factory: Callable[[], Callable[[], object]],
             info: Optional[Dict[str, object]] = None, time_it: bool = True,
-            ref_ms: Optional[float] = None) -> Dict[str, object]:
+            ref_ms: Optional[float] = None, reference: bool = False) -> Dict[str, object]:
         """Build, warm up, measure peak memory and time one provider; returns its row (``x_ref`` = ms /
-        ``ref_ms`` when given)."""
+        ``ref_ms`` when given, 1 for the ``reference`` provider itself)."""
         key = f"{case}/{provider}"
         info = dict(info or {})
         if key in self.done:
@@ -400,6 +401,10 @@ class Runner:
         fn = None
         try:
             fn = factory()
+            if isinstance(fn, tuple):  # (step, note): a factory may explain what it measures
+                fn, note = fn
+                if note:
+                    row["note"] = note
             fn()  # warm-up call (compiles / autotunes)
             sync(self.device)
             if self.measure_memory:
@@ -413,12 +418,14 @@ class Runner:
             if os.environ.get("SPIEL_BENCH_DEBUG"):
                 traceback.print_exc()
         fn = None
-        if ref_ms and row.get("ms"):
+        if reference and row.get("ms"):
+            row["x_ref"] = 1.0
+        elif ref_ms and row.get("ms"):
             row["x_ref"] = float(row["ms"]) / ref_ms
         self.done.add(key)
         alive = context_alive(self.device)
         if not alive:
-            row["note"] = (row.get("note") or "") + " (CUDA context lost)"
+            row["note"] = ((row.get("note") or "") + " (CUDA context lost)").strip()
         full = self.record(row)
         if not alive:
             raise ContextLost(key)

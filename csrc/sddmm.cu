@@ -9,9 +9,11 @@
 //             (tile, row, col). Per chunk of V = 16 B / sizeof(T) tokens the CTA stages
 //             grad_output[t-chunk, item rows] and input[t-chunk, item cols] *transposed* into shared memory:
 //             one 16-byte row per output row / input column holding its V tokens (loads are coalesced
-//             16-byte vectors along the feature axis, transposed in registers). Each thread owns 32 entries
-//             and accumulates dot(S[row], S[col]) in fp32 registers: 2 x 16-byte shared loads per entry per
-//             V tokens. Rows are XOR-swizzled in 16-byte units so the transposing stores are conflict-free.
+//             16-byte vectors along the feature axis, transposed in registers). Each thread owns a run of
+//             <= 32 consecutive entries in row-major order (plan section `sperm`) and accumulates them in fp32
+//             registers: one 16-byte shared load of the input column per entry, the grad_output row loaded
+//             and converted once per run of equal rows. Rows are XOR-swizzled in 16-byte units so the
+//             transposing stores are conflict-free.
 // dense_tile  CTA (non-empty 128 x 128 tile, T split): C = A[t, rows]^T @ B[t, cols] with WMMA (bf16/fp16
 //             mma.sync, fp32 accumulators), 4-stage cp.async pipeline over T, the tile stored to shared
 //             memory, and only the tile's requested entries read back. A/B are grad_output/input or their
@@ -43,11 +45,11 @@ enum HeaderSlot { H_MAGIC = 0, H_K, H_OUT, H_IN, H_NTILES, H_NITEMS, H_NR, H_NC,
 constexpr int kNLevels = 4;
 constexpr int kNStrategies = 3;
 enum Strategy { kSparse = 0, kDenseTile = 1, kDenseBlas = 2 };
-constexpr int64_t kBandBytes = 64ll << 20;  // sddmm_plan.BAND_BYTES
+constexpr int64_t kBandBytes = 16ll << 20;  // sddmm_plan.BAND_BYTES
 
 struct Layout {
   int64_t ntr, ntc, nt, wmax;
-  int64_t perm, tile_list, tile_ptr, tile_slot, items, rowlist, collist, rowmap, colmap, cperm, ctile_list,
+  int64_t perm, sperm, tile_list, tile_ptr, tile_slot, items, rowlist, collist, rowmap, colmap, cperm, ctile_list,
       ctile_ptr, ctile_slot, base;
 };
 
@@ -64,6 +66,7 @@ Layout make_layout(int64_t k, int64_t out, int64_t in) {
     return o;
   };
   L.perm = take(k);
+  L.sperm = take(k);
   L.tile_list = take(L.nt);
   L.tile_ptr = take(L.nt + 1);
   L.tile_slot = take(L.nt);
@@ -107,45 +110,49 @@ void choose_splits(int64_t T, int64_t units, int64_t target, int64_t align, int6
 }
 
 // ------------------------------------------------------------------------------------------------
-// fp32 dot of two 16-byte vectors of T (V elements each), accumulated in element order
-// ------------------------------------------------------------------------------------------------
+// 16 bytes of T -> V floats (exact), and an fp32 dot of V floats with 16 bytes of T, in element order
 template <typename T>
-struct Dot16;
+struct Unpack16;
 template <>
-struct Dot16<__nv_bfloat16> {
-  static __device__ __forceinline__ float run(const uint4& a, const uint4& b, float acc) {
+struct Unpack16<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(const uint4& a, float* f) {
     const uint32_t av[4] = {a.x, a.y, a.z, a.w};
-    const uint32_t bv[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {  // bf16 -> fp32 is a 16-bit shift: exact
-      acc = fmaf(__uint_as_float(av[q] << 16), __uint_as_float(bv[q] << 16), acc);
-      acc = fmaf(__uint_as_float(av[q] & 0xffff0000u), __uint_as_float(bv[q] & 0xffff0000u), acc);
-    }
-    return acc;
-  }
-};
-template <>
-struct Dot16<__half> {
-  static __device__ __forceinline__ float run(const uint4& a, const uint4& b, float acc) {
-    const uint32_t av[4] = {a.x, a.y, a.z, a.w};
-    const uint32_t bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const float2 fa = __half22float2(*reinterpret_cast<const __half2*>(&av[q]));
-      const float2 fb = __half22float2(*reinterpret_cast<const __half2*>(&bv[q]));
-      acc = fmaf(fa.x, fb.x, acc);
-      acc = fmaf(fa.y, fb.y, acc);
+      f[2 * q] = __uint_as_float(av[q] << 16);
+      f[2 * q + 1] = __uint_as_float(av[q] & 0xffff0000u);
     }
-    return acc;
   }
 };
 template <>
-struct Dot16<float> {
-  static __device__ __forceinline__ float run(const uint4& a, const uint4& b, float acc) {
-    acc = fmaf(__uint_as_float(a.x), __uint_as_float(b.x), acc);
-    acc = fmaf(__uint_as_float(a.y), __uint_as_float(b.y), acc);
-    acc = fmaf(__uint_as_float(a.z), __uint_as_float(b.z), acc);
-    acc = fmaf(__uint_as_float(a.w), __uint_as_float(b.w), acc);
+struct Unpack16<__half> {
+  static __device__ __forceinline__ void run(const uint4& a, float* f) {
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&av[q]));
+      f[2 * q] = v.x;
+      f[2 * q + 1] = v.y;
+    }
+  }
+};
+template <>
+struct Unpack16<float> {
+  static __device__ __forceinline__ void run(const uint4& a, float* f) {
+    f[0] = __uint_as_float(a.x);
+    f[1] = __uint_as_float(a.y);
+    f[2] = __uint_as_float(a.z);
+    f[3] = __uint_as_float(a.w);
+  }
+};
+template <typename T>
+struct DotF {
+  static __device__ __forceinline__ float run(const float* g, const uint4& x, float acc) {
+    constexpr int V = 16 / sizeof(T);
+    float xf[V];
+    Unpack16<T>::run(x, xf);
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc = fmaf(g[e], xf[e], acc);
     return acc;
   }
 };
@@ -161,6 +168,11 @@ constexpr uint32_t kNoEntry = 0xffffffffu;
 static_assert(kSpThreads * kSpEPT == kEMax, "sparse CTA must hold exactly one work item");
 
 __device__ __forceinline__ int64_t dceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+struct alignas(8) HalfVec {
+  T v[8 / sizeof(T)];
+};
 
 __device__ __forceinline__ int swz(int row) { return row ^ ((row >> 3) & 7); }
 
@@ -183,18 +195,25 @@ __global__ void __launch_bounds__(kSpThreads, 2)
   const int nrows_a = static_cast<int>(dceil(row0 + nrows, V) * V - row0a);
   const int ncols_a = static_cast<int>(dceil(col0 + ncols, V) * V - col0a);
 
+  // Thread t owns a contiguous run of the item's entries (row-major inside the item, `sperm`), so a run of
+  // entries in one row loads and converts that grad_output row once. off = (G slot | X slot << 16), both
+  // already swizzled.
+  const int n_e = static_cast<int>(e_end - e_begin);
+  const int run = (n_e + kSpThreads - 1) / kSpThreads;  // <= kSpEPT
+  const int64_t my0 = e_begin + static_cast<int64_t>(tid) * run;
   uint32_t off[kSpEPT];
   float acc[kSpEPT];
 #pragma unroll
   for (int i = 0; i < kSpEPT; ++i) {
-    const int64_t j = e_begin + tid + static_cast<int64_t>(i) * kSpThreads;
+    const int64_t j = my0 + i;
     acc[i] = 0.f;
     off[i] = kNoEntry;
-    if (j < e_end) {
+    if (i < run && j < e_end) {
       const int64_t idx = static_cast<int64_t>(__ldg(indices + __ldg(perm + j)));
       const int64_t r = idx / n_in;
       const int64_t c = idx - r * n_in;
-      off[i] = static_cast<uint32_t>(r - row0a) | (static_cast<uint32_t>(nrows_a + (c - col0a)) << 16);
+      off[i] = static_cast<uint32_t>(swz(static_cast<int>(r - row0a))) |
+               (static_cast<uint32_t>(swz(static_cast<int>(nrows_a + (c - col0a)))) << 16);
     }
   }
 
@@ -210,49 +229,57 @@ __global__ void __launch_bounds__(kSpThreads, 2)
       const int64_t ld = isg ? n_out : n_in;
       const int64_t col = isg ? row0a + static_cast<int64_t>(u) * V : col0a + static_cast<int64_t>(u - units_g) * V;
       const int drow = isg ? u * V : nrows_a + (u - units_g) * V;
-      Vec16<T> in[V];
-      if (vec) {
+      // two halves of V/2 tokens (fewer live registers): 8-byte half rows
 #pragma unroll
-        for (int tt = 0; tt < V; ++tt) {
-          const int64_t t = t0 + tt;
-          if (t < t_end && col < ld) {
-            in[tt] = *reinterpret_cast<const Vec16<T>*>(src + t * ld + col);
+      for (int h = 0; h < 2; ++h) {
+        Vec16<T> in[V / 2];
+#pragma unroll
+        for (int tt = 0; tt < V / 2; ++tt) {
+          const int64_t t = t0 + h * (V / 2) + tt;
+          if (vec) {
+            if (t < t_end && col < ld) {
+              const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src + t * ld + col));  // LDG.128
+              in[tt] = *reinterpret_cast<const Vec16<T>*>(&raw);
+            } else {
+#pragma unroll
+              for (int e = 0; e < V; ++e) in[tt].v[e] = from_float<T>(0.f);
+            }
           } else {
 #pragma unroll
-            for (int e = 0; e < V; ++e) in[tt].v[e] = from_float<T>(0.f);
+            for (int e = 0; e < V; ++e)
+              in[tt].v[e] = (t < t_end && col + e < ld) ? src[t * ld + col + e] : from_float<T>(0.f);
           }
         }
-      } else {
 #pragma unroll
-        for (int tt = 0; tt < V; ++tt) {
-          const int64_t t = t0 + tt;
+        for (int e = 0; e < V; ++e) {  // transpose: row e of the unit gets these V/2 tokens
+          HalfVec<T> o;
 #pragma unroll
-          for (int e = 0; e < V; ++e)
-            in[tt].v[e] = (t < t_end && col + e < ld) ? src[t * ld + col + e] : from_float<T>(0.f);
+          for (int tt = 0; tt < V / 2; ++tt) o.v[tt] = in[tt].v[e];
+          reinterpret_cast<uint2*>(&s_rows[swz(drow + e)])[h] = *reinterpret_cast<const uint2*>(&o);
         }
-      }
-#pragma unroll
-      for (int e = 0; e < V; ++e) {  // transpose: row e of the unit gets its V tokens
-        Vec16<T> o;
-#pragma unroll
-        for (int tt = 0; tt < V; ++tt) o.v[tt] = in[tt].v[e];
-        s_rows[swz(drow + e)] = *reinterpret_cast<const uint4*>(&o);
       }
     }
     __syncthreads();
+    uint32_t prev = kNoEntry;
+    float gf[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) gf[e] = 0.f;
 #pragma unroll
     for (int i = 0; i < kSpEPT; ++i) {
       if (off[i] != kNoEntry) {
-        const uint4 g = s_rows[swz(static_cast<int>(off[i] & 0xffffu))];
-        const uint4 x = s_rows[swz(static_cast<int>(off[i] >> 16))];
-        acc[i] = Dot16<T>::run(g, x, acc[i]);
+        const uint32_t gs = off[i] & 0xffffu;
+        if (gs != prev) {  // a new grad_output row: one shared load + conversion for the whole row run
+          Unpack16<T>::run(s_rows[gs], gf);
+          prev = gs;
+        }
+        acc[i] = DotF<T>::run(gf, s_rows[off[i] >> 16], acc[i]);
       }
     }
   }
 #pragma unroll
   for (int i = 0; i < kSpEPT; ++i) {
     if (off[i] != kNoEntry) {
-      const int64_t j = e_begin + tid + static_cast<int64_t>(i) * kSpThreads;
+      const int64_t j = my0 + i;
       if (direct) {
         dst[__ldg(perm + j)] = acc[i];
       } else {
@@ -474,12 +501,12 @@ void run_sparse(const at::Tensor& G, const at::Tensor& X, const at::Tensor& indi
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSpSmem)));
       kern<<<grid, kSpThreads, kSpSmem, stream>>>(
           reinterpret_cast<const T_*>(G.data_ptr()), reinterpret_cast<const T_*>(X.data_ptr()),
-          indices.data_ptr<I_>(), pv.at(0), pv.at(pv.L.perm), pv.at(pv.L.items), T, n_out, n_in, k, t_split, dst,
+          indices.data_ptr<I_>(), pv.at(0), pv.at(pv.L.sperm), pv.at(pv.L.items), T, n_out, n_in, k, t_split, dst,
           S == 1, vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (S > 1) run_reduce(part, pv.at(pv.L.perm), out, k, S, stream);
+  if (S > 1) run_reduce(part, pv.at(pv.L.sperm), out, k, S, stream);
 }
 
 // (A, B, use_rmap, use_cmap): the operands of the dense strategies, compacted as the plan says

@@ -2,6 +2,7 @@
 in SpIEL-AG (candidates picked from each rank's own gradients, then merged identically) and SpIEL-MA."""
 import hashlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-STEPS = 14
+STEPS = 11
 
 
 class _Net(nn.Module):
@@ -40,7 +41,10 @@ def _worker(rank, world, tmpdir):
         for mode in ("ag", "ma"):
             torch.manual_seed(0)
             net = _Net()
-            ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+            with warnings.catch_warnings():  # torch >= 2.14 deprecates the name; still the way to skip syncs
+                warnings.simplefilter("ignore", FutureWarning)
+                # no buffer broadcast: each rank's indices must agree on their own
+                ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
             opt = SparseAdamW(net, lr=0.05) if mode == "ag" else SM3(net, lr=0.05)
             sched = SpielScheduler(net, opt, mode, total_steps=40, reselection_steps=5, accumulation_steps=2,
                                    drop_fraction=0.5, candidates_per_slot=2, check_consistency=True)
@@ -50,12 +54,12 @@ def _worker(rank, world, tmpdir):
                 x = torch.randn(8, 12, generator=g)
                 y = torch.randn(8, 6, generator=g)
                 (ddp(x) - y).pow(2).mean().backward()
-                if step == 2:  # the probe fired in this backward (update at step 5, gamma 2)
+                if step == 2 and mode == "ag":  # the probe fired in this backward (update at step 5, gamma 2)
                     local_probe = {n: r[0].clone() for n, r in sched._probe_results.items()}
                 opt.step()
                 sched.step()
                 opt.zero_grad()
-                if step == 2:
+                if step == 2 and mode == "ag":
                     installed = {n: m.candidates.clone() for n, m in (("a", net.a), ("b", net.b))}
                 history.append("".join(_digest(m.indices) for m in (net.a, net.b)))
             result[mode] = {

@@ -140,3 +140,17 @@ def test_llama_train_save_load(tmp_path):
     spiel.load_deltas(fresh, tmp_path / "llama.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=LLAMA_IDS).logits, logits, rtol=0, atol=0)
+
+
+def test_merged_models(tmp_path):
+    m = toy()
+    snn.inject(m, ["q_proj"], density=0.2)
+    randomize_deltas(m)
+    y = m(IDS)
+    snn.merge(m)
+    spiel.save_deltas(m, tmp_path / "d.safetensors")  # the deltas, also while merged
+    with pytest.raises(ValueError, match="merged"):
+        spiel.load_deltas(m, tmp_path / "d.safetensors")
+    fresh = toy()
+    spiel.load_deltas(fresh, tmp_path / "d.safetensors")
+    torch.testing.assert_close(fresh(IDS), y, rtol=0, atol=0)

@@ -1,5 +1,4 @@
 """SparseDeltaLinear against a dense nn.Linear whose weight is W + scatter(indices, values)."""
-import itertools
 import math
 
 import pytest
@@ -7,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import spiel
 import spiel.ops as ops
 from spiel.nn import SparseDeltaLinear, random_indices
 from spiel.nn.linear import index_dtype_for, resolve_num_deltas
@@ -148,7 +146,8 @@ def test_density_and_count_errors():
 
 
 def test_random_indices_paths():
-    for numel, k in [(10, 0), (10, 10), (1000, 37), ((1 << 22) + 8, 1000), ((1 << 23), 3), ((1 << 22) + 10, (1 << 22) - 5)]:
+    cases = [(10, 0), (10, 10), (1000, 37), ((1 << 22) + 8, 1000), ((1 << 23), 3), ((1 << 22) + 10, (1 << 22) - 5)]
+    for numel, k in cases:
         idx = random_indices(numel, k, generator=_gen(1))
         assert idx.numel() == k and idx.dtype == torch.int32
         if k:
@@ -419,3 +418,20 @@ def test_bnb_cpu_repacked_weight_is_unpacked():
         lin(x)
     layer = SparseDeltaLinear.from_linear(lin, num_deltas=10)
     torch.testing.assert_close(layer(x), y_train, atol=2e-2, rtol=2e-2)
+
+
+def test_nf4weight_layer_survives_dtype_cast():
+    nf4 = NF4Weight.quantize(torch.randn(8, 64, generator=_gen(0)), double_quant=True, dtype=torch.float32)
+    layer = SparseDeltaLinear.from_linear(nf4, num_deltas=30, bias=torch.zeros(8), generator=_gen(1))
+    with torch.no_grad():
+        layer.values.normal_(generator=_gen(2))
+    x = torch.randn(3, 64, generator=_gen(3))
+    y = layer(x)
+    absmax = nf4.absmax.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight_absmax.dtype == torch.uint8 and layer.weight_nested_absmax.dtype == torch.float32
+    assert torch.equal(layer.weight_absmax, absmax) and layer.compute_weight.dtype == torch.bfloat16
+    assert layer.values.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x.bfloat16()).float(), y, atol=5e-2, rtol=5e-2)
+    assert set(layer.state_dict()) == {"bias", "weight_packed", "weight_absmax", "weight_nested_absmax",
+                                       "weight_nested_code", "indices", "values"}

@@ -9,6 +9,15 @@ from spiel.nn.linear import SparseDeltaLinear
 from spiel.optim import SM3, SparseAdamW, sparse_layers
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster (and far faster on a shared, loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _layer(out_f=12, in_f=10, k=30, seed=0, values_dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return SparseDeltaLinear(in_f, out_f, num_deltas=k, generator=g, values_dtype=values_dtype)
@@ -276,3 +285,14 @@ def test_optimizer_state_dict_resume_is_bit_identical():
             opt_c.step()
         for la, lc in zip(a, c):
             assert torch.equal(la.values, lc.values)
+
+
+@pytest.mark.parametrize("Opt", [SparseAdamW, SM3])
+def test_step_leaves_gradients_untouched_single_layer(Opt):
+    layer = _layer()
+    opt = Opt(layer, lr=0.1, weight_decay=0.1)
+    g = torch.randn(layer.values.numel())
+    layer.values.grad = g.clone()
+    opt.step()
+    assert torch.equal(layer.values.grad, g)
+    assert not torch.equal(layer.values.detach(), torch.zeros_like(g))

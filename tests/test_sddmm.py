@@ -69,8 +69,9 @@ def exact(grad_output, input, indices, in_f):
     r, c = idx // in_f, idx % in_f
     g = grad_output.double()
     x = input.double()
-    want = torch.einsum("tk,tk->k", g[:, r], x[:, c])
-    scale = torch.einsum("tk,tk->k", g[:, r].abs(), x[:, c].abs())
+    gr, xc = g[:, r], x[:, c]
+    want = (gr * xc).sum(0)
+    scale = (gr.abs() * xc.abs()).sum(0)
     return want, scale
 
 
@@ -103,15 +104,20 @@ CASES = [
 ]
 
 
+PAIRS = [(torch.bfloat16, torch.int32), (torch.float16, torch.int64), (torch.float32, torch.int32)]
+
+
 def check_kernel(kernel, device, cases=CASES, dtypes=DTYPES, index_dtypes=INDEX_DTYPES, strategy=None,
-                 plan_kw=None, plan_fn=None, determinism=False):
-    """Run ``kernel(G, X, idx, out, in, plan[, strategy])`` over ``cases`` against float64."""
+                 plan_kw=None, plan_fn=None, determinism=False, pairs=None):
+    """Run ``kernel(G, X, idx, out, in, plan[, strategy])`` over ``cases`` x dtypes x index dtypes (or the
+    given (dtype, index dtype) ``pairs``) against float64."""
     from spiel.ops.backends import sddmm_plan as P
 
+    combos = pairs if pairs is not None else [(d, i) for d in dtypes for i in index_dtypes]
     n = 0
     for (T, out_f, in_f, k, kind) in cases:
-        for dtype in dtypes:
-            for idt in index_dtypes:
+        for dtype, idt in combos:
+            if True:
                 g = gen(device, T, out_f, in_f, k, kind, dtype, idt)
                 G = randn((T, out_f), dtype, g, device)
                 X = randn((T, in_f), dtype, g, device)
@@ -228,6 +234,8 @@ def test_plan_invariants(case):
         covered = e_
         rr, cc = e // in_f, e % in_f
         assert rr.min() == r0 and rr.max() == r0 + nr - 1 and cc.min() == c0 and cc.max() == c0 + nc - 1
+        sp = idx[s["sperm"].long()[b:e_]]
+        assert torch.equal(sp, e.sort().values)  # same entries, row-major inside the item
         assert r0 // (P.SB * P.TILE) == (r0 + nr - 1) // (P.SB * P.TILE)
         assert c0 // (P.SB * P.TILE) == (c0 + nc - 1) // (P.SB * P.TILE)
     assert covered == k
@@ -264,7 +272,7 @@ def test_plan_code_and_overrides():
     assert P.plan_code(p2, 1000, 300, 500)["triton"] == "dense_blas"
     assert torch.equal(p2[:P.base_len(1000, 300, 500)], plan[:P.base_len(1000, 300, 500)])
     with pytest.raises(ValueError):
-        P.plan_code(plan, 999, 300, 500)  # a plan for other indices is refused
+        P.plan_code(plan, 1000, 3000, 500)  # a plan for another shape is refused (length out of range)
     for code in range(P.N_CODES):
         d = P.decode(code)
         assert P.encode(d["level_r"], d["level_c"], d["triton"], d["cuda"]) == code
@@ -302,15 +310,16 @@ def _groups():
         return fn
 
     groups = {
-        "triton_sparse": lambda d: check_kernel(forced("sparse"), d),
-        "triton_dense_tile_gather": lambda d: check_kernel(forced("dense_tile", True), d),
+        "triton_sparse": lambda d: check_kernel(forced("sparse"), d, pairs=PAIRS),
+        "triton_dense_tile_gather": lambda d: check_kernel(forced("dense_tile", True), d, pairs=PAIRS),
         "triton_dense_tile_scratch": lambda d: check_kernel(forced("dense_tile", False), d,
-                                                            dtypes=[torch.bfloat16]),
-        "triton_dense_tile_direct": lambda d: check_kernel(forced("dense_tile", True), d, dtypes=[torch.float16],
+                                                            pairs=[(torch.bfloat16, torch.int64)]),
+        "triton_dense_tile_direct": lambda d: check_kernel(forced("dense_tile", True), d,
+                                                           pairs=[(torch.float16, torch.int32)],
                                                            plan_kw={"compaction": False}),
-        "triton_dense_blas": lambda d: check_kernel(forced("dense_blas"), d),
-        "triton_plan_choice": lambda d: check_kernel(lambda *a: TS.sddmm(*a), d, dtypes=[torch.bfloat16],
-                                                     determinism=True),
+        "triton_dense_blas": lambda d: check_kernel(forced("dense_blas"), d, pairs=PAIRS),
+        "triton_plan_choice": lambda d: check_kernel(lambda *a: TS.sddmm(*a), d,
+                                                     pairs=[(torch.bfloat16, torch.int64)], determinism=True),
         "triton_no_plan": lambda d: check_kernel(lambda G, X, idx, o, i, plan: TS.sddmm(G, X, idx, o, i, None), d,
                                                  dtypes=[torch.float16], index_dtypes=[torch.int32]),
     }

@@ -235,6 +235,18 @@ def group_nf4_dequant_shapes(device):
         check_dequant(shape, 128, False, torch.float16, torch.float16, torch.int64, [0, 1, max(1, n // 3)], device)
 
 
+def group_nf4_dequant_other_layout(device):
+    # the kernel has two tile orientations, chosen by Triton version (3.6: transposed): run the other one too
+    from spiel.ops.backends.triton import nf4 as tnf4
+
+    tnf4._TRANSPOSED = not tnf4._TRANSPOSED
+    try:
+        for bs, dq, od in [(32, True, torch.bfloat16), (64, False, torch.float32), (4096, True, torch.float16)]:
+            check_dequant((37, 130), bs, dq, od, torch.float32, torch.int32, [0, 481, 4810], device)
+    finally:
+        tnf4._TRANSPOSED = not tnf4._TRANSPOSED
+
+
 def group_public_ops(device):
     """The public ops with the triton backend selected (dispatch through torch.library)."""
     import spiel.ops as ops

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .data import (ClassificationData, CausalLMData, load_jsonl_data, stable_hash, stdlib_docstrings)
+from .data import (ClassificationData, CausalLMData, is_held_out, load_jsonl_data, stable_hash,
+                   stdlib_docstrings)
 from .train import DEFAULT_LR, METHODS, RunConfig, RunResult
 
 DEFAULT_STEPS = 150
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "labelled by module")
     g.add_argument("--eval-fraction", type=_fraction, default=None,
                    help="held-out fraction of --data, split by sha1 (default 0.1; 0.25 for the embedded data)")
+    g.add_argument("--eval-split", default="test", choices=("test", "validation"),
+                   help="evaluate on the held-out test split, or on a validation split (a sha1-chosen 20%% of the "
+                        "training examples, trained without them) to choose hyperparameters without the test set")
     g.add_argument("--max-length", type=_positive_int, default=None,
                    help="tokens per example (default 64 for classification, 256 for causal LM)")
     g.add_argument("--max-train-examples", type=_positive_int, default=None,
@@ -201,8 +205,15 @@ def _lr_for(spec: Optional[Dict[str, float]], method: str) -> float:
     return spec.get(method, spec.get("*", DEFAULT_LR[method]))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
-    """Entry point of ``python -m spiel.finetune``; returns the runs' results."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m spiel.finetune`` and of the ``spiel-finetune`` console script: runs
+    :func:`run` and returns the exit status 0 (usage errors exit with status 2)."""
+    run(argv)
+    return 0
+
+
+def run(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
+    """``python -m spiel.finetune`` with ``argv``; returns the runs' results (one per method and seed)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -239,6 +250,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
         tokenizer = load_tokenizer(model_path)
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
         parser.error(str(e))
+    if args.eval_split == "validation":
+        split = [is_held_out(f"{i}:{text}", 0.2) for i, (text, _) in enumerate(data.train)]
+        data.test = [ex for ex, held in zip(data.train, split) if held]
+        data.train = [ex for ex, held in zip(data.train, split) if not held]
+        if not data.test or not data.train:
+            parser.error("--eval-split validation: too few training examples to split")
     data.train = _subset(data.train, args.max_train_examples)
     data.test = _subset(data.test, args.max_eval_examples)
     labels = data.labels if isinstance(data, ClassificationData) else None
@@ -278,6 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
                   f"{result.trainable_params:,} trainable, {result.train_time_s:.0f} s", flush=True)
 
     meta = {"command": command, "model": model_path, "data": data.source or args.data, "kind": kind,
+            "eval_split": args.eval_split,
             "num_train": len(data.train), "num_test": len(data.test), "labels": labels,
             "batch_size": args.batch_size, "max_length": max_length, "device": device, "seeds": seeds,
             "methods": methods, "total_time_s": time.time() - t0,
@@ -292,4 +310,4 @@ def main(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

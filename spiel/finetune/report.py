@@ -70,7 +70,7 @@ def write_results(out_dir: str, results: List[RunResult], meta: Dict[str, object
               f"command: `{meta.get('command', '')}`", "",
               f"model: {meta.get('model', '')}  ",
               f"data: {meta.get('data', '')} ({meta.get('num_train', '?')} train / "
-              f"{meta.get('num_test', '?')} held-out examples)  ",
+              f"{meta.get('num_test', '?')} {meta.get('eval_split', 'test')} examples)  ",
               f"steps: {results[0].steps if results else '?'}, batch size {meta.get('batch_size', '?')}, "
               f"seeds {seeds} (mean ± std over seeds)  ",
               f"device: {meta.get('device', '')}", ""]

@@ -337,6 +337,17 @@ def _is_head(name: str, kind: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ memory
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS (glibc), so a run's peak RSS is not inflated by the previous run's."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a run: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process' peak RSS
     (VmHWM, reset at the start of the run through /proc/self/clear_refs where the kernel allows it, else
@@ -348,6 +359,7 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
+        _malloc_trim()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -440,10 +452,16 @@ def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
 
 
 def train_run(kind: str, model_path: str, data, tokenizer, cfg: RunConfig, out_dir: Optional[str] = None,
-              labels: Optional[List[str]] = None) -> RunResult:
-    """One fine-tuning run: build, train ``cfg.steps`` steps, evaluate, save into ``out_dir``."""
+              labels: Optional[List[str]] = None, return_model: bool = False):
+    """One fine-tuning run: build, train ``cfg.steps`` steps, evaluate, save into ``out_dir``.
+
+    Returns the :class:`RunResult` (and the trained model, in eval mode, when ``return_model``)."""
     from tqdm.auto import tqdm
 
+    if kind == "classification" and not labels:
+        raise ValueError("a classification run needs labels= (the label names)")
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}: choose from {', '.join(METHODS)}")
     torch.manual_seed(cfg.seed)
     num_labels = len(labels) if labels else 0
     with PeakMemory(cfg.device) as mem:
@@ -453,9 +471,13 @@ def train_run(kind: str, model_path: str, data, tokenizer, cfg: RunConfig, out_d
                 target = getattr(model, "encoder", None)
             else:
                 target = model
-            if target is None or not hasattr(target, "gradient_checkpointing_enable"):
+            if target is None or not (hasattr(target, "gradient_checkpointing_enable")
+                                      or hasattr(target, "activation_checkpointing_enable")):
                 raise ValueError("--gradient-checkpointing: this model does not support it")
-            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5
+                target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         prep = prepare_method(model, kind, cfg)
         model = prep.model
         model.train()
@@ -516,6 +538,9 @@ def train_run(kind: str, model_path: str, data, tokenizer, cfg: RunConfig, out_d
     if out_dir is not None:
         save_run(model, kind, model_path, cfg, prep, result, out_dir, labels)
         result.out_dir = out_dir
+    if return_model:
+        model.eval()
+        return result, model
     del model, prep
     gc.collect()
     return result

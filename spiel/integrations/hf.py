@@ -67,6 +67,7 @@ class SpielCallback(TrainerCallback):
     def __init__(self, scheduler: SpielScheduler, save_state: bool = True):
         self.scheduler = scheduler
         self.save_state = save_state
+        self.loaded_from: Optional[str] = None  # the checkpoint folder the scheduler state was restored from
 
     @staticmethod
     def _file_name() -> str:
@@ -81,6 +82,7 @@ class SpielCallback(TrainerCallback):
         if not os.path.isfile(path):
             return False
         self.scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.loaded_from = checkpoint_dir
         return True
 
     def on_train_begin(self, args, state, control, **kwargs):

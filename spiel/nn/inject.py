@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -56,7 +56,8 @@ def _output_embedding_ids(model: nn.Module) -> set:
     return {id(out)} if out is not None else set()
 
 
-def _match(model: nn.Module, target_modules: Target, dict_names: Optional[Sequence[str]]) -> List[Tuple[str, nn.Module]]:
+def _match(model: nn.Module, target_modules: Target,
+           dict_names: Optional[Sequence[str]]) -> List[Tuple[str, nn.Module]]:
     linears = [(n, m) for n, m in model.named_modules() if n and _is_linear_like(m)]
     if target_modules is None and dict_names is not None:
         wanted = set(dict_names)
@@ -87,7 +88,8 @@ def _describe_no_match(model: nn.Module, target_modules: Target) -> str:
     injected = [n for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
     msg = f"target_modules={target_modules!r} matches no nn.Linear / Linear4bit module"
     if isinstance(target_modules, str) and target_modules != "all-linear":
-        msg += " (a string is a regex matched against the full module name with re.fullmatch; pass a list for name suffixes)"
+        msg += (" (a string is a regex matched against the full module name with re.fullmatch; pass a list for "
+                "name suffixes)")
     if names:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         msg += f"; linear modules in the model: {shown}"

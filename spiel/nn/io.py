@@ -39,7 +39,12 @@ def save_deltas(model: nn.Module, path: PathLike) -> None:
     (safetensors; see the module docstring for the layout). Nothing else of the model is written."""
     from safetensors.torch import save_file
 
-    layers = sparse_delta_modules(model)
+    layers = OrderedDict()
+    for name, module in model.named_modules():
+        if isinstance(module, SparseDeltaLinear):
+            layers[name] = module
+        elif "_spiel_unmerge" in module.__dict__:  # an NF4 layer merged by spiel.nn.merge: its deltas
+            layers[name] = module.__dict__["_spiel_unmerge"]
     if not layers:
         raise ValueError("save_deltas: the model has no SparseDeltaLinear layers (call spiel.nn.inject first)")
     tensors: Dict[str, torch.Tensor] = {}
@@ -109,6 +114,8 @@ def load_deltas(model: nn.Module, path: PathLike, *, strict: bool = True,
         module = modules.get(name)
         if module is None:
             raise ValueError(f"load_deltas: module {name!r} of {os.fspath(path)!r} is not in the model")
+        if "_spiel_unmerge" in module.__dict__ or (isinstance(module, SparseDeltaLinear) and module.merged):
+            raise ValueError(f"load_deltas: module {name!r} is merged; call spiel.nn.unmerge(model) first")
         if not isinstance(module, SparseDeltaLinear) and not _is_linear_like(module):
             raise ValueError(f"load_deltas: module {name!r} is a {type(module).__name__}, not a linear layer")
         shape = tuple(int(s) for s in info["shape"])
@@ -122,8 +129,6 @@ def load_deltas(model: nn.Module, path: PathLike, *, strict: bool = True,
             raise ValueError(f"load_deltas: module {name!r}: {exc}") from None
         if not val.is_floating_point():
             raise ValueError(f"load_deltas: module {name!r}: values must be floating point, got {val.dtype}")
-        if isinstance(module, SparseDeltaLinear) and module.merged:
-            raise ValueError(f"load_deltas: module {name!r} is merged; call spiel.nn.unmerge(model) first")
         if not isinstance(module, SparseDeltaLinear):
             to_inject[name] = idx.numel()
         plan[name] = (idx, val, info)

@@ -11,7 +11,7 @@ import functools
 import math
 import operator
 import sys
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -136,7 +136,8 @@ def check_index_values(indices: torch.Tensor, numel: int, *, what: str = "indice
         return
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= numel:
-        raise ValueError(f"{what} must be in [0, {numel}) (the weight's number of elements), got values in [{lo}, {hi}]")
+        raise ValueError(f"{what} must be in [0, {numel}) (the weight's number of elements), "
+                         f"got values in [{lo}, {hi}]")
     if indices.numel() > 1:
         steps = indices[1:].long() - indices[:-1].long()
         if bool((steps < 0).any()):
@@ -314,14 +315,19 @@ class SparseDeltaLinear(nn.Linear):
         """(Re)build the NF4Weight view used for compute after the storage moved (``.to``) or was loaded."""
         if self._base_kind == "bnb":
             w = self.weight
-            qs = w.quant_state
+            qs = getattr(w, "quant_state", None)
+            if qs is None:  # a conversion replaced the Params4bit by a plain Parameter: re-attach the state
+                qs = self.__dict__["_bnb_quant_state"]
+                w.quant_state = qs
+            self.__dict__["_bnb_quant_state"] = qs
             if qs.absmax.device != w.device:
                 qs.to(w.device)
-            self.__dict__["_nf4"] = NF4Weight.from_bnb(w)
+            self.__dict__["_nf4"] = NF4Weight.from_bnb(w, qs)
         elif self._base_kind == "nf4":
             cur = self._nf4
             if cur is not None and cur.packed is self.weight_packed and cur.absmax is self.weight_absmax and \
-                    cur.nested_absmax is self.weight_nested_absmax and cur.nested_code is self.weight_nested_code:
+                    cur.nested_absmax is self.weight_nested_absmax and cur.nested_code is self.weight_nested_code \
+                    and cur.dtype == self._nf4_meta[2]:
                 return  # storage unchanged: keep the very NF4Weight object
             shape, blocksize, dtype, offset = self._nf4_meta
             nf4 = NF4Weight(self.weight_packed, self.weight_absmax, shape, blocksize, dtype,
@@ -368,7 +374,7 @@ class SparseDeltaLinear(nn.Linear):
             probe=None if probe is None else functools.partial(probe, self), validate=False)
 
     def extra_repr(self) -> str:
-        base = "nf4(bnb)" if self._base_kind == "bnb" else ("nf4" if self._base_kind == "nf4" else str(self.weight.dtype).replace("torch.", ""))
+        base = {"bnb": "nf4(bnb)", "nf4": "nf4"}.get(self._base_kind) or str(self.weight.dtype).replace("torch.", "")
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"num_deltas={self.num_deltas}, density={self.density:.4g}, weight={base}, "
              f"values_dtype={str(self.values.dtype).replace('torch.', '')}")
@@ -427,7 +433,8 @@ class SparseDeltaLinear(nn.Linear):
             if not isinstance(values, torch.Tensor) or not values.is_floating_point():
                 raise TypeError(f"values must be a floating-point tensor, got {getattr(values, 'dtype', type(values))}")
             if values.dim() != 1 or values.numel() != k:
-                raise ValueError(f"values must be 1-D with {k} elements (one per index), got shape {tuple(values.shape)}")
+                raise ValueError(f"values must be 1-D with {k} elements (one per index), "
+                                 f"got shape {tuple(values.shape)}")
             new_vals = torch.empty(k, dtype=old_vals.dtype, device=old_vals.device)
             new_vals.copy_(values.detach())
         if self.candidates is not None and self._overlap(idx, self.candidates):
@@ -513,7 +520,23 @@ class SparseDeltaLinear(nn.Linear):
 
     # ---- device moves and state_dict --------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
+        if self._base_kind != "nf4":
+            result = super()._apply(fn, recurse)
+        else:
+            # a spiel NF4Weight's tensors only follow device moves: a dtype cast (model.to(torch.bfloat16))
+            # must not touch the fp32 absmax / code tables; it changes the NF4 compute dtype instead
+            nf4 = self._nf4
+            probe = fn(torch.empty(0, dtype=nf4.dtype, device=nf4.device))
+            held = {name: self._buffers[name] for name in _NF4_BUFFERS}
+            for name in _NF4_BUFFERS:
+                self._buffers[name] = None
+            try:
+                result = super()._apply(fn, recurse)
+            finally:
+                for name, t in held.items():
+                    self._buffers[name] = None if t is None else t.to(probe.device)
+            shape, blocksize, _, offset = self._nf4_meta
+            self.__dict__["_nf4_meta"] = (shape, blocksize, probe.dtype, offset)
         self._refresh_nf4()
         return result
 
@@ -537,19 +560,21 @@ class SparseDeltaLinear(nn.Linear):
                 if new_idx is not None:
                     check_index_values(new_idx, numel, what=f"{ik} (state_dict)")
                 if new_idx is not None and new_val is not None and new_idx.shape != new_val.shape:
-                    raise ValueError(f"{ik} and {vk} have different lengths: {tuple(new_idx.shape)} vs {tuple(new_val.shape)}")
+                    raise ValueError(f"{ik} and {vk} have different lengths: {tuple(new_idx.shape)} vs "
+                                     f"{tuple(new_val.shape)}")
                 k_in = (new_idx if new_idx is not None else new_val).numel()
-                if k_in != self.num_deltas:
-                    if new_idx is None or new_val is None:
-                        raise ValueError(f"{prefix or 'layer'}: loading {k_in} deltas into a layer of {self.num_deltas} "
-                                         f"needs both {ik} and {vk}")
-                    # resize consistently: then the default loader copies into tensors of the right shape
-                    self.indices = torch.empty(k_in, dtype=self.indices.dtype, device=self.indices.device)
-                    self.values.data = torch.empty(k_in, dtype=self.values.dtype, device=self.values.device)
-                    self.values.grad = None
-                    resized = True
+                if k_in != self.num_deltas and (new_idx is None or new_val is None):
+                    raise ValueError(f"{prefix or 'layer'}: loading {k_in} deltas into a layer of {self.num_deltas} "
+                                     f"needs both {ik} and {vk}")
                 if self.candidates is not None:
                     self.clear_candidates()
+                if k_in != self.num_deltas:
+                    # resize consistently (values keeps its Parameter identity); the default loader then
+                    # copies into tensors of the right shape
+                    self.indices = new_idx.detach().to(device=self.indices.device, dtype=index_dtype_for(numel))
+                    self.values.data = new_val.detach().to(device=self.values.device, dtype=self.values.dtype)
+                    self.values.grad = None
+                    resized = True
             except (ValueError, TypeError) as exc:
                 error_msgs.append(str(exc))
                 return
@@ -575,3 +600,4 @@ class SparseDeltaLinear(nn.Linear):
 
         qs = QuantState.from_dict({k[len(wp):]: state_dict[k] for k in qkeys}, device=self.weight.device)
         self.weight.quant_state = qs
+        self.__dict__["_bnb_quant_state"] = qs

@@ -46,7 +46,7 @@ def _sddmm_plan_impl(indices, out_features, in_features):
 @torch.library.register_fake("spiel::sddmm_plan")
 def _sddmm_plan_fake(indices, out_features, in_features):
     size = torch.library.get_ctx().new_dynamic_size()
-    return indices.new_empty((size,), dtype=torch.int64)
+    return indices.new_empty((size,), dtype=torch.int32)
 
 
 def flatten_tokens(grad_output: torch.Tensor, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -131,7 +131,7 @@ class SM3(SparseOptimizerBase):
         c = idx - r * in_slot
         r += row_slot
         c += col_slot
-        g = torch.cat([x.float() for x in grads]) if len(grads) > 1 else grads[0].float()
+        g = torch.cat(grads).float()  # a new tensor (cat copies): the .grad tensors are never modified
         rows = [st["row"] for st in states]
         cols = [st["col"] for st in states]
         row_acc = torch.cat(rows)

@@ -1,7 +1,7 @@
 """torch.distributed helpers of the SpIEL scheduler (all no-ops in a single process)."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 

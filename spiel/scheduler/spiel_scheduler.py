@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-from torch import nn
 
 from ..ops import topk_abs, topk_outer
 from ..optim.adamw import layer_shape, sparse_layers
@@ -107,7 +106,8 @@ class SpielScheduler:
     """SpIEL index-update scheduler for the SparseDeltaLinear layers of ``model``.
 
     Args:
-        model: the model (``nn.Module``, DDP-wrapped is fine) or an iterable of SparseDeltaLinear layers.
+        model: the model (``nn.Module``, DDP-wrapped is fine) or an iterable of SparseDeltaLinear layers (those
+            whose ``values`` do not require grad are left alone).
         optimizer: the optimizer of the layers' ``values`` (:class:`spiel.optim.SparseAdamW`, :class:`spiel.optim.SM3`
             or any optimizer: spiel optimizers' ``reindex`` keeps per-slot state consistent; others get their
             per-slot state tensors permuted and zeroed at regrown slots). ``mode="ma"`` needs an optimizer with
@@ -157,7 +157,8 @@ class SpielScheduler:
             raise ValueError(f"drop_fraction must be a float in [0, 1], got {drop_fraction!r}")
         if mode == "ma" and not callable(getattr(optimizer, "accumulators", None)):
             raise TypeError("mode='ma' needs an optimizer with SM3 accumulators (spiel.optim.SM3)")
-        self.layers = sparse_layers(model)
+        # layers whose deltas are frozen (values.requires_grad False) are left alone
+        self.layers = [(n, m) for n, m in sparse_layers(model) if m.values.requires_grad]
         self.optimizer = optimizer
         self.mode = mode
         self.total_steps = total_steps
@@ -363,6 +364,8 @@ class SpielScheduler:
                 accs = list(flat.split([a.numel() for a in accs]))
             for name, acc in zip(win["names"], accs):
                 layer = self._by_name[name]
+                if getattr(layer, "candidates", None) is None or layer.candidates.numel() != acc.numel():
+                    continue  # candidates cleared behind our back (e.g. a model state_dict load): skip
                 cands = layer.candidates.long()
                 n = min(self.num_regrow(layer, t), cands.numel())
                 if n > 0:
@@ -421,9 +424,11 @@ class SpielScheduler:
         indices themselves live in the model's state_dict)."""
         window = None
         if self._window is not None:
-            window = {"update": self._window["update"], "names": list(self._window["names"]),
-                      "candidates": [self._by_name[n].candidates.detach().clone() for n in self._window["names"]],
-                      "accs": [a.detach().clone() for a in self._window["accs"]]}
+            live = [(n, self._by_name[n].candidates, a) for n, a in zip(self._window["names"], self._window["accs"])
+                    if getattr(self._by_name[n], "candidates", None) is not None]
+            window = {"update": self._window["update"], "names": [n for n, _, _ in live],
+                      "candidates": [c.detach().clone() for _, c, _ in live],
+                      "accs": [a.detach().clone() for _, _, a in live]}
         return {"version": 1, "mode": self.mode, "step_count": self.step_count, "total_steps": self.total_steps,
                 "reselection_steps": self.reselection_steps, "accumulation_steps": self.accumulation_steps,
                 "drop_fraction": self.drop_fraction, "schedule": self.schedule,

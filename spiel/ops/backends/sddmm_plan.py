@@ -24,6 +24,7 @@ Plan layout: a 1-D int32 tensor, sections at offsets computed from (k, out, in) 
     header [HDR]                 MAGIC, k, out, in, n_tiles, n_items, nR, nC, n_ctiles, level_r, level_c,
                                  span_sum, ...
     perm [k]                     entry positions sorted by (superblock, tile in superblock, row, col)
+    sperm [k]                    the same, re-sorted row-major inside each sparse work item (CUDA sparse)
     tile_list [NT]               tile ids (tr * ntc + tc) of the non-empty tiles in that order
     tile_ptr [NT + 1]            entry offsets (into perm order) of each listed tile; padded with k
     tile_slot [NT]               tile id -> position in tile_list, or -1 (empty)
@@ -82,7 +83,7 @@ def layout(k: int, out_features: int, in_features: int) -> Dict[str, Tuple[int, 
     ntr, ntc = grid_dims(out_features, in_features)
     nt = ntr * ntc
     sizes = [
-        ("header", HDR), ("perm", k), ("tile_list", nt), ("tile_ptr", nt + 1), ("tile_slot", nt),
+        ("header", HDR), ("perm", k), ("sperm", k), ("tile_list", nt), ("tile_ptr", nt + 1), ("tile_slot", nt),
         ("items", 6 * max_items(k, out_features, in_features)),
         ("rowlist", out_features), ("collist", in_features), ("rowmap", out_features), ("colmap", in_features),
         ("cperm", k), ("ctile_list", nt), ("ctile_ptr", nt + 1), ("ctile_slot", nt),
@@ -162,7 +163,7 @@ COST = {
     "launch_s": 5e-6,             # fixed cost of one strategy (launches, plan reads, reduce)
     "hbm_Bps": 2.8e12,            # streaming read bandwidth
     "l2_Bps": 6.0e12,             # L2 -> SM bandwidth for staged re-reads
-    "sparse_cuda_eps": 3.0e12,    # entry-tokens / s of the CUDA sparse inner loop (smem 16-B vectors)
+    "sparse_cuda_eps": 5.0e12,    # entry-tokens / s of the CUDA sparse inner loop (smem 16-B vectors)
     "sparse_triton_eps": 0.9e12,  # entry-tokens / s of the Triton sparse loop (L1-bound gathers)
     "tile_triton_flops": 560e12,  # tl.dot tiles incl. extraction
     "tile_cuda_flops": 330e12,    # WMMA (mma.sync) tiles incl. extraction
@@ -170,6 +171,21 @@ COST = {
     "partial_Bps": 2.0e12,        # partial-sum write + reduce traffic
 }
 
+
+
+def _cost_overrides() -> None:
+    """``SPIEL_SDDMM_COST="sparse_cuda_eps=4e12,blas_flops=6.5e14"`` overrides COST entries (calibration)."""
+    import os
+
+    spec = os.environ.get("SPIEL_SDDMM_COST", "").strip()
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        key, _, val = item.partition("=")
+        if key.strip() not in COST:
+            raise ValueError(f"SPIEL_SDDMM_COST: unknown key {key!r} (known: {sorted(COST)})")
+        COST[key.strip()] = float(val)
+
+
+_cost_overrides()
 _ELEM = 2  # bytes per operand element assumed by the model (bf16/fp16)
 
 
@@ -203,18 +219,17 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
     tile_flops = 2.0 * T * TILE * TILE * n_t
     rate = c["tile_cuda_flops"] if backend == "cuda" else c["tile_triton_flops"]
     extract = k * 16 / c["partial_Bps"]
-    res["dense_tile"] = c["launch_s"] + gather + max(tile_flops / rate, floor_read) + extract
-    # blas over all (compacted) rows x cols
-    eff_r = float(stats["nR"]) if level_r else rows
-    eff_c = float(stats["nC"]) if level_c else cols
-    blas_flops = 2.0 * T * max(eff_r, 1) * max(eff_c, 1)
-    n_bands = max(1, math.ceil(max(eff_r, 1) * max(eff_c, 1) * 4 / BAND_BYTES))
-    res["dense_blas"] = (c["launch_s"] * (1 + n_bands) + gather + max(blas_flops / c["blas_flops"], floor_read)
-                         + eff_r * eff_c * 4 / c["partial_Bps"] + extract)
+    operand_read = T * (rows + cols) * _ELEM / c["hbm_Bps"]  # the (compacted) operands, read once
+    res["dense_tile"] = c["launch_s"] + gather + max(tile_flops / rate, operand_read) + extract
+    # blas over all (compacted) rows x cols; the fp32 band buffer is small enough to stay in L2
+    blas_flops = 2.0 * T * rows * cols
+    n_bands = max(1, math.ceil(rows / band_rows(rows, cols)))
+    res["dense_blas"] = (c["launch_s"] * (1 + 0.2 * n_bands) + gather + max(blas_flops / c["blas_flops"], operand_read)
+                         + extract)
     return res
 
 
-BAND_BYTES = 64 << 20  # fp32 band buffer of the dense_blas strategy (rows per band = BAND_BYTES / (4 * cols))
+BAND_BYTES = 16 << 20  # fp32 band buffer of the dense_blas strategy (rows per band = BAND_BYTES / (4 * cols))
 
 
 def band_rows(rows: int, cols: int) -> int:
@@ -358,6 +373,12 @@ def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, tr
     else:
         span_sum = torch.zeros(1, dtype=i64, device=dev)
     items = items.t().contiguous().reshape(-1)  # item-major: 6 ints per item
+    # row-major order inside each item (same item ranges): the CUDA sparse kernel reuses a row across a
+    # thread's consecutive entries
+    if k:
+        sperm = perm[torch.sort(item * (out_features * in_features) + idx[perm]).indices]
+    else:
+        sperm = perm
 
     rowlist, rowrank, n_r = _used(r, out_features)
     collist, colrank, n_c = _used(c, in_features)
@@ -405,8 +426,21 @@ def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, tr
     header[H_LEVEL_R] = lr
     header[H_LEVEL_C] = lc
     header[H_SPAN] = span_sum[0]
-    parts = [header, perm, tile_list, tile_ptr, tile_slot, items, rowlist, collist, rowrank, colrank, cperm,
+    parts = [header, perm, sperm, tile_list, tile_ptr, tile_slot, items, rowlist, collist, rowrank, colrank, cperm,
              ctile_list, ctile_ptr, ctile_slot, torch.zeros(code, dtype=i64, device=dev)]
     plan = torch.cat([p.reshape(-1).to(i64) for p in parts]).to(torch.int32)
     assert plan.numel() == lay["base"][0] + code
     return plan
+
+
+def cuda_sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, out_features: int,
+               in_features: int, plan: Optional[torch.Tensor] = None, strategy: Optional[str] = None) -> torch.Tensor:
+    """The CUDA backend's kernel (``torch.ops.spiel._cuda_sddmm``) with an optional ``strategy`` override
+    (carried by a re-coded copy of the plan: the C++ side reads the strategy from the plan's length).
+    Without a plan and strategy the C++ side runs dense_blas. fp32 inputs always run the sparse kernel."""
+    k = indices.numel()
+    if strategy is not None:
+        if plan is None:
+            plan = build_plan(indices, out_features, in_features)
+        plan = with_strategy(plan, k, out_features, in_features, cuda=strategy)
+    return torch.ops.spiel._cuda_sddmm(grad_output, input, indices, int(out_features), int(in_features), plan)

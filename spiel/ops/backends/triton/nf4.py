@@ -1,14 +1,14 @@
 """Triton NF4 kernels (backend "triton"): fused dequantize + sparse delta, and blockwise quantize.
 
-``nf4_dequantize_add_delta``: each program owns ``BLOCK`` contiguous output elements, seen as a
-[ROWS, COLS] tile of packed bytes (COLS = min(blocksize, BLOCK) / 2, so every row lies in one absmax block
-and needs one absmax load). It loads the bytes (16 B vectors), splits the nibbles, looks the codes up in
-the 16-entry table (an L1-resident gather), multiplies by the row's fp32 absmax (decoded from the uint8 +
-nested state when double-quantized), interleaves high/low nibbles back into element order and stores the
-chunk once. The sparse delta uses the same scheme as the merge (see merge.py): k-ary search of the chunk's
-index range, dense store, CTA barrier, then ``out[i] = round(fp32(code * absmax) + fp32(v))`` at the k
-positions of the chunk. All arithmetic is separate fp32 multiply/add (compiled with
-``enable_fp_fusion=False``: no FMA contraction), so the result is bit-identical to the reference.
+``nf4_dequantize_add_delta``: each program owns ``BLOCK`` contiguous output elements, handled as groups of
+GB packed bytes (GB = 4 for 16-bit outputs, 2 for fp32: 16 output bytes per group). Per group: one absmax
+(decoded from the uint8 + nested state when double-quantized); per byte: split the nibbles, look both codes
+up in the 16-entry table (an L1-resident gather), multiply by the absmax in fp32, interleave high/low back
+into element order -- a thread then holds exactly one 16-byte store -- and store the chunk once. The sparse
+delta uses the same scheme as the merge (see merge.py): k-ary search of the chunk's index range, dense
+store, CTA barrier, then ``out[i] = round(fp32(code * absmax) + fp32(v))`` at the chunk's delta positions.
+All arithmetic is separate fp32 multiply/add (compiled with ``enable_fp_fusion=False``: no FMA
+contraction), so the result is bit-identical to the reference.
 
 ``nf4_quantize``: each program owns whole absmax blocks ([ROWS, blocksize] tile): per-block max |w|,
 ``scaled = clamp(w * (1 / max(absmax, 1e-38)), -1, 1)`` (IEEE reciprocal ``div_rn``, as the reference), code =
@@ -29,14 +29,18 @@ from .merge import _INT32_SAFE, SEARCH_PROBES, _lower_bound, interpreting, round
 
 # output element size -> (output elements per program, warps); tests override through _CONFIG_OVERRIDE,
 # benchmarks/bench_forward.py --tune sweeps them.
+# 16 KiB of output per program; 8 warps: 58 (16-bit out) / 40 (fp32 out) registers on sm_90, 4 CTAs = 1024
+# threads per SM (4 warps would hold twice the values per thread: 116 registers, half the threads)
 DEQUANT_CONFIG = {
-    2: (8192, 4),
-    4: (4096, 4),
+    2: (8192, 8),
+    4: (4096, 8),
 }
 PATCH_TILE = 256
 QUANT_ELEMENTS = 4096  # weight elements per program of the quantize kernel (at least one absmax block)
 _CONFIG_OVERRIDE: dict = {}
 
+# Triton 3.6 wants the transposed group tile (see the kernel); 3.7+ the row-major one
+_TRANSPOSED = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
 _TINY_BITS = int(torch.tensor(1e-38, dtype=torch.float32).view(torch.int32))  # the reference's clamp bound
 _TABLES: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -67,11 +71,10 @@ def _nf4_dequant_delta_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
                               idx_ptr, val_ptr, out_ptr, n, k,
                               BS: tl.constexpr, BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                               NESTED: tl.constexpr, PT: tl.constexpr, S: tl.constexpr, BIG: tl.constexpr,
-                              EMU: tl.constexpr):
-    SPAN: tl.constexpr = BS if BS < BLOCK else BLOCK   # output elements per tile row (one absmax block)
-    COLS: tl.constexpr = SPAN // 2                     # packed bytes per row
-    ROWS: tl.constexpr = BLOCK // SPAN
+                              EMU: tl.constexpr, TRANSPOSED: tl.constexpr):
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    GB: tl.constexpr = 64 // out_ty.primitive_bitwidth  # packed bytes per group = 16 output bytes (bf16: 4)
+    NG: tl.constexpr = BLOCK // (2 * GB)                 # groups per program
     pid = tl.program_id(0)
     if BIG:
         start = pid.to(tl.int64) * BLOCK
@@ -81,19 +84,32 @@ def _nf4_dequant_delta_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
         start = pid * BLOCK
         lo = tl.zeros((), dtype=tl.int32)
         kk = k
-    rows = tl.arange(0, ROWS)
-    row_start = start + rows * SPAN                                     # [ROWS] first element of each row
-    byte = (row_start // 2)[:, None] + tl.arange(0, COLS)[None, :]      # [ROWS, COLS] packed byte offsets
-    bmask = byte < n // 2
-    p = tl.load(packed_ptr + byte, mask=bmask, other=0)
-    scale = _absmax_f32(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset, row_start // BS,
-                        row_start < n, DOUBLE_QUANT, NESTED)
-    hi_q = (p >> 4).to(tl.int32)
-    lo_q = (p & 0xF).to(tl.int32)
-    hi_v = tl.load(code_ptr + hi_q) * scale[:, None]
-    lo_v = tl.load(code_ptr + lo_q) * scale[:, None]
-    vals = tl.reshape(tl.join(hi_v, lo_v), (ROWS, SPAN))                # element order: 2p high, 2p+1 low
-    offs = row_start[:, None] + tl.arange(0, SPAN)[None, :]
+    # The chunk as NG groups of GB packed bytes: a thread holds whole groups, so after splitting the nibbles
+    # and interleaving them it holds 16 consecutive output bytes = exactly one 16-byte store, the layout the
+    # store wants (16-byte packed vectors would need a shared-memory shuffle before the store). The code
+    # table gathers must get the same layout as the packed load: Triton >= 3.7 gives it to a [NG, GB] tile,
+    # 3.6 (whose coalescing orders a gather's dims 0-first) to the transposed [GB, NG] tile.
+    g = tl.arange(0, NG)
+    gstart = start + g * (2 * GB)                                      # first element of each group
+    if TRANSPOSED:
+        byte = (gstart // 2)[None, :] + tl.arange(0, GB)[:, None]    # [GB, NG]
+        p = tl.load(packed_ptr + byte, mask=byte < n // 2, other=0)
+        gs = gstart[None, :]
+        scale = _absmax_f32(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset, gs // BS, gs < n,
+                            DOUBLE_QUANT, NESTED)                      # [1, NG] fp32 absmax of each group
+        hi_v = tl.load(code_ptr + (p >> 4).to(tl.int32)) * scale
+        lo_v = tl.load(code_ptr + (p & 0xF).to(tl.int32)) * scale
+        vals = tl.reshape(tl.permute(tl.join(hi_v, lo_v), (1, 0, 2)), (NG, 2 * GB))
+    else:
+        byte = (gstart // 2)[:, None] + tl.arange(0, GB)[None, :]    # [NG, GB]
+        p = tl.load(packed_ptr + byte, mask=byte < n // 2, other=0)
+        gs = gstart[:, None]
+        scale = _absmax_f32(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset, gs // BS, gs < n,
+                            DOUBLE_QUANT, NESTED)                      # [NG, 1] fp32 absmax of each group
+        hi_v = tl.load(code_ptr + (p >> 4).to(tl.int32)) * scale
+        lo_v = tl.load(code_ptr + (p & 0xF).to(tl.int32)) * scale
+        vals = tl.reshape(tl.join(hi_v, lo_v), (NG, 2 * GB))          # element order: 2p high, 2p+1 low
+    offs = gstart[:, None] + tl.arange(0, 2 * GB)[None, :]
     lo = _lower_bound(idx_ptr, lo, kk, start, S)
     hi = _lower_bound(idx_ptr, lo, tl.minimum(kk, lo + BLOCK), start + BLOCK, S)
     tl.store(out_ptr + offs, round_to(vals, out_ty, EMU), mask=offs < n)
@@ -163,7 +179,8 @@ def nf4_dequantize_add_delta(packed, absmax, nested_absmax, nested_code, nested_
         float(nested_offset) if double_quant else 0.0, code, indices, values, out, n, k,
         BS=int(blocksize), BLOCK=block, DOUBLE_QUANT=double_quant, NESTED=NESTED_BLOCKSIZE,
         PT=_CONFIG_OVERRIDE.get("patch_tile", PATCH_TILE), S=_CONFIG_OVERRIDE.get("probes", SEARCH_PROBES),
-        BIG=big, EMU=interpreting(), num_warps=warps, enable_fp_fusion=False)
+        BIG=big, EMU=interpreting(), TRANSPOSED=_TRANSPOSED, num_warps=warps,
+        enable_fp_fusion=False)
 
 
 @register_kernel("nf4_quantize", "triton")

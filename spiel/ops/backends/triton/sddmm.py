@@ -53,7 +53,7 @@ def _sparse_kernel(G, X, IDX, PERM, OUT, T, n_out, n_in, k, t_split,
     if DIRECT:
         tl.store(OUT + e, res, mask=jm)
     else:
-        tl.store(OUT + s.to(tl.int64) * k + j, res, mask=jm)
+        tl.store(OUT + (tl.full((), 0, tl.int64) + s) * k + j, res, mask=jm)
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _tile_kernel(A, B, IDX, PERM, TLIST, TPTR, CNT, RMAP, CMAP, OUT, SCR,
         if GATHER:
             flat = tl.reshape(acc, [BM * BN])
         else:
-            scr = SCR + pid.to(tl.int64) * (BM * BN)
+            scr = SCR + (tl.full((), 0, tl.int64) + pid) * (BM * BN)
             tl.store(scr + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :], acc)
             tl.debug_barrier()
         for jb in range(p0, p1, BE):
@@ -118,7 +118,7 @@ def _tile_kernel(A, B, IDX, PERM, TLIST, TPTR, CNT, RMAP, CMAP, OUT, SCR,
             if DIRECT:
                 tl.store(OUT + e, v, mask=jm)
             else:
-                tl.store(OUT + s.to(tl.int64) * k + j, v, mask=jm)
+                tl.store(OUT + (tl.full((), 0, tl.int64) + s) * k + j, v, mask=jm)
         if not GATHER:
             tl.debug_barrier()
 
@@ -129,8 +129,10 @@ def _reduce_kernel(PART, PERM, OUT, k, S, BLOCK: tl.constexpr):
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     jm = j < k
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    off = j.to(tl.int64)
     for s in range(0, S):
-        acc += tl.load(PART + s.to(tl.int64) * k + j, mask=jm, other=0.0)
+        acc += tl.load(PART + off, mask=jm, other=0.0)
+        off += k
     e = tl.load(PERM + j, mask=jm, other=0)
     tl.store(OUT + e, acc, mask=jm)
 

@@ -1,0 +1,111 @@
+"""The delta gradient on CUDA tensors: Triton and CUDA kernels, every strategy forced in turn, against
+float64; determinism (two runs bit-identical); the public op through each backend.
+
+Shapes cover: odd feature sizes (non-vectorizable paths), several 2048 x 2048 superblocks, superblocks
+split into several sparse work items (> 8192 entries), long T with few entries (T splits + the fixed-order
+reduce), concentrated masks (compaction), k = 0 and k = out * in, unsorted cat(indices, candidates).
+"""
+import pytest
+import torch
+
+from tests.test_sddmm import CASES, DTYPES, INDEX_DTYPES, assert_close_fp32, check_kernel, exact, gen, \
+    make_indices, randn
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import spiel.ops as ops  # noqa: E402
+from spiel.ops.backends import sddmm_plan as P  # noqa: E402
+
+DEV = "cuda"
+GPU_CASES = CASES + [
+    (512, 1024, 1536, 15728, "random"),       # ~1%, vectorized paths
+    (2048, 2100, 4200, 8820, "layer"),        # 0.1%, 2 x 3 superblocks, odd sizes (scalar staging)
+    (1024, 2048, 2048, 25000, "random"),      # one superblock, 4 work items
+    (4096, 512, 520, 300, "random"),          # few entries, long T: many T splits
+    (256, 1000, 1200, 12000, "concentrated"),  # compaction
+    (64, 1000, 1200, 0, "random"),
+    (33, 250, 136, 250 * 136, "random"),      # k = out * in
+]
+STRATS = ("sparse", "dense_tile", "dense_blas")
+
+
+def _cuda_available():
+    return ops.backend_info()["cuda"]["available"] and hasattr(torch.ops.spiel, "_cuda_sddmm")
+
+
+def _triton_kernel(strategy, gather=None):
+    from spiel.ops.backends.triton import sddmm as TS
+
+    def fn(G, X, idx, o, i, plan):
+        if gather is not None:
+            TS._GATHER_OK["value"] = gather
+        return TS.sddmm(G, X, idx, o, i, plan, strategy=strategy)
+    return fn
+
+
+def _cuda_kernel(strategy):
+    def fn(G, X, idx, o, i, plan):
+        return P.cuda_sddmm(G, X, idx, o, i, plan, strategy=strategy)
+    return fn
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+def test_triton_strategies(strategy):
+    check_kernel(_triton_kernel(strategy), DEV, cases=GPU_CASES, determinism=True)
+
+
+def test_triton_tile_scratch_epilogue():
+    check_kernel(_triton_kernel("dense_tile", gather=False), DEV, cases=GPU_CASES,
+                 pairs=[(torch.bfloat16, torch.int32), (torch.float16, torch.int64)], determinism=True)
+    from spiel.ops.backends.triton import sddmm as TS
+    TS._GATHER_OK["value"] = True
+
+
+def test_triton_tile_direct_no_compaction():
+    check_kernel(_triton_kernel("dense_tile"), DEV, cases=GPU_CASES, plan_kw={"compaction": False},
+                 pairs=[(torch.bfloat16, torch.int64)], determinism=True)
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+def test_cuda_strategies(strategy):
+    if not _cuda_available():
+        pytest.skip("spiel._C (with _cuda_sddmm) is not built")
+    check_kernel(_cuda_kernel(strategy), DEV, cases=GPU_CASES, determinism=True)
+
+
+def test_cuda_tile_direct_no_compaction_and_no_plan():
+    if not _cuda_available():
+        pytest.skip("spiel._C (with _cuda_sddmm) is not built")
+    check_kernel(_cuda_kernel("dense_tile"), DEV, cases=GPU_CASES, plan_kw={"compaction": False},
+                 pairs=[(torch.bfloat16, torch.int64)], determinism=True)
+    check_kernel(lambda G, X, idx, o, i, plan: torch.ops.spiel._cuda_sddmm(G, X, idx, o, i, None), DEV,
+                 cases=GPU_CASES, pairs=[(torch.float16, torch.int32)], determinism=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_public_op_each_backend(backend):
+    if backend == "cuda" and not _cuda_available():
+        pytest.skip("spiel._C is not built")
+    for (T, o, i, k, kind) in GPU_CASES[-5:]:
+        for dtype in DTYPES:
+            g = gen(DEV, "pub", backend, T, o, i, k, kind, dtype)
+            G, X = randn((T, o), dtype, g, DEV), randn((T, i), dtype, g, DEV)
+            idx = make_indices(o, i, k, kind, torch.int32, g, DEV)
+            plan = ops.sddmm_plan(idx, o, i)
+            with ops.use_backend(backend):
+                got = ops.sddmm(G, X, idx, o, i, plan=plan)
+                again = ops.sddmm(G, X, idx, o, i, plan=plan)
+            want, scale = exact(G, X, idx, i)
+            assert_close_fp32(got, want, scale, T, f"{backend} {T} {o}x{i} {kind} {dtype}")
+            assert torch.equal(got, again)
+
+
+def test_plan_on_gpu_matches_cpu():
+    g = gen("cpu", "plan-gpu")
+    idx = make_indices(2100, 4200, 30000, "layer", torch.int64, g, "cpu")
+    a = P.build_plan(idx, 2100, 4200)
+    b = P.build_plan(idx.to(DEV), 2100, 4200)
+    assert torch.equal(a, b.cpu())

@@ -1,0 +1,153 @@
+"""CPU smoke tests of the benchmark scripts (tiny shapes): they run, write their CSV rows, and the numbers
+they derive (LoRA-matched counts, update-step detection, bytes per delta, target checks) are right."""
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _imports(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+HAS_SPIEL_TRAINING = all(_has(m) for m in ("spiel.nn", "spiel.optim", "spiel.scheduler"))
+HAS_PEFT = _imports("peft")
+HAS_BNB = _imports("bitsandbytes")
+HAS_TRANSFORMERS = _imports("transformers")
+
+
+def _run(script, *args, timeout=600):
+    env = dict(os.environ, SPIEL_BENCH_RUN_ID="smoke", PYTHONWARNINGS="ignore")
+    env.pop("SPIEL_BENCH_CSV", None)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _by_provider(rows):
+    return {r["provider"]: r for r in rows}
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
+def test_bench_e2e_tiny_cpu(tmp_path):
+    out_csv = tmp_path / "e2e.csv"
+    providers = ["frozen", "published", "spiel-ag", "spiel-ma", "lora", "spiel-nf4"]
+    stdout = _run("bench_e2e.py", "--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1",
+                  "--reselection-steps", "2", "--accumulation-steps", "1", "--providers", ",".join(providers),
+                  "--csv", str(out_csv))
+    assert "targets (same run)" in stdout
+    rows = _by_provider(_rows(out_csv))
+    assert set(providers) <= set(rows)
+    # tiny: hidden 64, intermediate 176, 2 layers, kv dim 32, rank 4 -> 2 * 4 * (2*128 + 2*96 + 3*240)
+    matched = 2 * 4 * (2 * 128 + 2 * 96 + 3 * 240)
+    expect_ok = {"frozen": True, "published": True, "lora": HAS_PEFT,
+                 "spiel-ag": HAS_SPIEL_TRAINING, "spiel-ma": HAS_SPIEL_TRAINING,
+                 "spiel-nf4": HAS_SPIEL_TRAINING and HAS_BNB}
+    for name, ok in expect_ok.items():
+        row = rows[name]
+        if not ok:
+            assert row["note"].startswith("skipped"), row
+            continue
+        assert row["ms"] and float(row["ms"]) > 0, row
+        assert not row["note"].startswith(("failed", "skipped")), row
+        extra = json.loads(row["extra"])
+        if name != "frozen":
+            assert int(extra["trainable"]) == matched, (name, extra["trainable"])
+        if name.startswith("spiel"):
+            # S=2, gamma=1: every window holds scheduler activity, and the detection must see it
+            assert extra["n_update"] >= 1, (name, extra)
+    assert float(rows["frozen"]["x_ref"]) == pytest.approx(1.0)
+
+
+def test_bench_layer_small_cpu(tmp_path):
+    out_csv = tmp_path / "layer.csv"
+    providers = ["frozen", "full", "published", "spiel", "spiel-torch", "spiel-cuda", "lora", "spiel-nf4"]
+    stdout = _run("bench_layer.py", "--small", "--device", "cpu", "--shapes", "64x64,96x64", "--rep-ms", "5",
+                  "--providers", ",".join(providers), "--csv", str(out_csv))
+    assert "bench_layer" in stdout
+    rows = _rows(out_csv)
+    names = {r["provider"].split("@")[0] for r in rows}
+    assert set(providers) <= names
+    for r in rows:
+        name = r["provider"].split("@")[0]
+        if name == "spiel-cuda":
+            assert r["note"].startswith("skipped"), r  # no GPU here
+        else:
+            assert r["ms"] and float(r["ms"]) > 0, r
+    # sparse providers at the LoRA-matched k and at 0.1% (at least 1)
+    ks = sorted({int(r["k"]) for r in rows if r["provider"].startswith("spiel@") and r["case"] == "64x64"})
+    assert ks == [4, 4 * (64 + 64)]
+    frozen = [r for r in rows if r["provider"] == "frozen"]
+    assert all(float(r["x_ref"]) == pytest.approx(1.0) for r in frozen)
+
+
+def test_bench_memory_small_cpu(tmp_path):
+    out_csv = tmp_path / "memory.csv"
+    _run("bench_memory.py", "--small", "--device", "cpu", "--no-time", "--densities", "0.01,0.04",
+         "--dims", "32,64", "--providers", "published" + (",spiel-ag" if HAS_SPIEL_TRAINING else ""),
+         "--csv", str(out_csv))
+    rows = _rows(out_csv)
+    fits = {r["provider"]: json.loads(r["extra"]) for r in rows if r["case"] == "fit"}
+    # published: int64 index (8) + bf16 delta (2) + AdamW bf16 exp_avg and exp_avg_sq (2 + 2) per delta
+    assert fits["published"]["bpd_static"] == pytest.approx(14.0, abs=0.5)
+    assert abs(fits["published"]["bpw_static"]) < 0.05
+    if HAS_SPIEL_TRAINING:
+        assert 8.0 <= fits["spiel-ag"]["bpd_static"] <= 64.0
+
+
+def test_plot_and_helpers(tmp_path):
+    import harness
+    import bench_e2e
+
+    path = tmp_path / "r.csv"
+    harness.append_rows(str(path), [{"run_id": "x", "suite": "e2e", "case": "tiny", "provider": "frozen",
+                                     "ms": 10.0, "peak_mib": 1024.0, "extra": {"ms_steady": 10.0}},
+                                    {"run_id": "x", "suite": "e2e", "case": "tiny", "provider": "spiel-ag",
+                                     "ms": 12.0, "peak_mib": 2048.0,
+                                     "extra": {"step_ms": [11.0, 13.0], "update_flags": [False, True]}}])
+    rows = harness.read_rows(str(path))
+    assert [r["provider"] for r in rows] == ["frozen", "spiel-ag"]
+    assert list(rows[0]) == harness.CSV_COLUMNS
+    q = harness._quantiles([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert q["ms"] == 3.0 and q["ms_p20"] == pytest.approx(1.8) and q["ms_p80"] == pytest.approx(4.2)
+    checks = {c[0]: c[3] for c in bench_e2e.check_targets({
+        "spiel-ag": {"ms_avg": 80.0, "peak_gib": 15.0, "n_update": 12, "update_overhead": 0.02},
+        "published": {"ms_avg": 100.0, "peak_gib": 17.0},
+        "lora": {"ms_avg": 100.0, "peak_gib": 15.8},
+        "spiel-ma": {"ms_avg": 90.0, "peak_gib": 15.5, "n_update": 2, "update_overhead": 0.05},
+        "frozen": {"ms_avg": 50.0, "peak_gib": 14.0}})}
+    assert checks["spiel-ag / published (step)"] == "PASS"
+    assert checks["spiel-ag / lora (step)"] == "FAIL"
+    assert checks["spiel-ag peak - lora peak"] == "PASS"
+    assert checks["spiel-ma peak - frozen peak"] == "FAIL"
+    assert checks["spiel-ma index-update overhead"] == "FAIL"
+    assert checks["spiel-nf4 / qlora (step)"] == "n/a"
+    if _imports("matplotlib"):
+        _run("plot.py", "--csv", str(path), "--out", str(tmp_path / "plots"), "--run-id", "all")
+        assert (tmp_path / "plots" / "e2e.png").exists()
+        assert (tmp_path / "plots" / "e2e_steps.png").exists()
