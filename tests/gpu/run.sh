@@ -33,9 +33,10 @@ if has build; then
 fi
 
 if has test; then
-  python3 -m pytest tests -q -x -ra -p no:cacheprovider --timeout=600 -m gpu >"$OUT/gpu_tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -ra -p no:cacheprovider --timeout=300 -n "${TEST_WORKERS:-8}" \
+    -m "gpu and not slow" >"$OUT/gpu_tests.log" 2>&1
   rc=$?
-  tail -25 "$OUT/gpu_tests.log"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40
   note "gpu tests: $(tail -1 "$OUT/gpu_tests.log") (rc $rc)"
 fi
 

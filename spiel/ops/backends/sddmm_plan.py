@@ -157,17 +157,18 @@ def with_strategy(plan: torch.Tensor, k: int, out_features: int, in_features: in
 # ---------------------------------------------------------------------------------------------------------
 # cost model
 # ---------------------------------------------------------------------------------------------------------
-# Rates on one H100 SXM (bf16 inputs). Seeds from ANCHORS.md and first-principles estimates; recalibrate
-# from `python benchmarks/bench_sddmm.py` (it prints measured vs predicted per strategy).
+# Rates on one H100 SXM (bf16 inputs), fitted from `python benchmarks/bench_sddmm.py` on the H100
+# (2026-11-23 run, see benchmarks/NOTES.md; the first-principles seeds overestimated the sparse loops
+# 4-6x). Recalibrate from that script's output on other GPUs (SPIEL_SDDMM_COST).
 COST = {
     "launch_s": 5e-6,             # fixed cost of one strategy (launches, plan reads, reduce)
     "hbm_Bps": 2.8e12,            # streaming read bandwidth
     "l2_Bps": 6.0e12,             # L2 -> SM bandwidth for staged re-reads
-    "sparse_cuda_eps": 5.0e12,    # entry-tokens / s of the CUDA sparse inner loop (smem 16-B vectors)
-    "sparse_triton_eps": 0.9e12,  # entry-tokens / s of the Triton sparse loop (L1-bound gathers)
-    "tile_triton_flops": 560e12,  # tl.dot tiles incl. extraction
-    "tile_cuda_flops": 330e12,    # WMMA (mma.sync) tiles incl. extraction
-    "blas_flops": 690e12,         # cuBLAS bf16 -> fp32
+    "sparse_cuda_eps": 8.4e11,    # entry-tokens / s of the CUDA sparse inner loop (smem 16-B vectors)
+    "sparse_triton_eps": 2.2e11,  # entry-tokens / s of the Triton sparse loop (L1-bound gathers)
+    "tile_triton_flops": 498e12,  # tl.dot tiles incl. extraction
+    "tile_cuda_flops": 152e12,    # WMMA (mma.sync) tiles incl. extraction
+    "blas_flops": 675e12,         # cuBLAS bf16 -> fp32
     "partial_Bps": 2.0e12,        # partial-sum write + reduce traffic
 }
 
