@@ -279,15 +279,17 @@ def test_plan_code_and_overrides():
 
 
 def test_cost_model_picks():
-    """Sanity of the model on the benchmark's points: sparse at 0.1% random, dense at 2.4% random, a
-    compacted dense strategy for the concentrated mask at 1%."""
+    """The fitted model reproduces the H100 measurements (benchmarks/NOTES.md): at 4096x4096 and 0.1% random
+    the CUDA sparse kernel (0.40 ms) and cuBLAS + gather (~0.36-0.38 ms) are close and the Triton sparse kernel
+    (0.58 ms) loses to cuBLAS; dense at 2.4% random; a compacted dense strategy for the concentrated mask."""
     from spiel.ops.backends import sddmm_plan as P
 
     n = 4096
     for backend in ("cuda", "triton"):
         k = n * n // 1000
         st = {"n_tiles": 1024, "n_items": 3, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 3 * 3000}
-        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) == "sparse"
+        want = {"cuda": "sparse", "triton": "dense_blas"}[backend]
+        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) == want
         k = n * n * 24 // 1000
         st = {"n_tiles": 1024, "n_items": 50, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 50 * 2300}
         assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) != "sparse"
