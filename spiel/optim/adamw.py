@@ -7,6 +7,8 @@ step, whatever the number of layers; no host sync).
 """
 from __future__ import annotations
 
+import abc
+
 import copy
 import math
 from collections import defaultdict
@@ -194,8 +196,9 @@ class SparseOptimizerBase(torch.optim.Optimizer):
         return groups
 
     # -- hooks for subclasses
-    def _init_state(self, param, layer, group) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _init_state(self, param, layer, group) -> None:
+        """Create the per-layer state of ``param`` (SparseAdamW: moments and steps; SM3: accumulators)."""
 
     # -- public helpers
     def layer_of(self, param) -> Optional[nn.Module]:
