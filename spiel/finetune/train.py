@@ -21,7 +21,7 @@ from .data import CausalLMData, ClassificationData, causal_lm_batches, classific
 
 METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
 # learning rates used when --lr is not given (the quality table in docs/README_finetune.md uses these)
-DEFAULT_LR = {"spiel-ag": 2e-3, "spiel-ma": 2e-2, "lora": 2e-3, "full": 1e-4}
+DEFAULT_LR = {"spiel-ag": 2e-3, "spiel-ma": 5e-2, "lora": 2e-3, "full": 1e-4}
 HEAD_FILE = "head.safetensors"
 DELTAS_FILE = "deltas.safetensors"
 LORA_FILE = "lora.safetensors"
