@@ -196,6 +196,23 @@ class SparseOptimizerBase(torch.optim.Optimizer):
         return groups
 
     # -- hooks for subclasses
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["sparse"]:
+                self._step_sparse(group, *_gather_sparse(self, group))
+            else:
+                self._step_dense(group)
+        return loss
+
+    @abc.abstractmethod
+    def _step_sparse(self, group, params, grads, states) -> None:
+        """Update the sparse layers' values of ``group`` (params with a gradient, their grads and states)."""
+
     @abc.abstractmethod
     def _init_state(self, param, layer, group) -> None:
         """Create the per-layer state of ``param`` (SparseAdamW: moments and steps; SM3: accumulators)."""
@@ -351,23 +368,12 @@ class SparseAdamW(SparseOptimizerBase):
             st["exp_avg"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
             st["exp_avg_sq"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if not group["sparse"]:
-                self._step_dense(group)
-                continue
-            params, grads, states = _gather_sparse(self, group)
-            for p, st in zip(params, states):
-                if not st or st["step"].shape != p.shape:
-                    st.clear()
-                    self._init_state(p, self._layer_of.get(id(p)), group)
-            beta1, beta2 = group["betas"]
-            adamw_foreach(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                          [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                          eps=group["eps"], weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
-        return loss
+    def _step_sparse(self, group, params, grads, states) -> None:
+        for p, st in zip(params, states):
+            if not st or st["step"].shape != p.shape:
+                st.clear()
+                self._init_state(p, self._layer_of.get(id(p)), group)
+        beta1, beta2 = group["betas"]
+        adamw_foreach(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                      [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                      eps=group["eps"], weight_decay=group["weight_decay"], maximize=group.get("maximize", False))

@@ -9,7 +9,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .adamw import SparseOptimizerBase, _check_betas, _check_float, _gather_sparse, layer_shape
+from .adamw import SparseOptimizerBase, _check_betas, _check_float, layer_shape
 
 __all__ = ["SM3"]
 
@@ -99,29 +99,18 @@ class SM3(SparseOptimizerBase):
             self._consts_key = key
         return self._consts
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if not group["sparse"]:
-                self._step_dense(group)
-                continue
-            params, grads, states = _gather_sparse(self, group)
-            by_device: Dict[torch.device, List[int]] = defaultdict(list)
-            for i, p in enumerate(params):
-                by_device[p.device].append(i)
-            for device, sel in by_device.items():
-                ps = [params[i] for i in sel]
-                layers = [self._layer_of[id(p)] for p in ps]
-                for p, layer in zip(ps, layers):
-                    self._init_state(p, layer, group)
-                self._step_sparse(group, ps, [grads[i] for i in sel], [states[i] for i in sel], layers, device)
-        return loss
+    def _step_sparse(self, group, params, grads, states) -> None:
+        by_device: Dict[torch.device, List[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_device[p.device].append(i)
+        for device, sel in by_device.items():
+            ps = [params[i] for i in sel]
+            layers = [self._layer_of[id(p)] for p in ps]
+            for p, layer in zip(ps, layers):
+                self._init_state(p, layer, group)
+            self._step_device(group, ps, [grads[i] for i in sel], [states[i] for i in sel], layers, device)
 
-    def _step_sparse(self, group, params, grads, states, layers, device) -> None:
+    def _step_device(self, group, params, grads, states, layers, device) -> None:
         if sum(p.numel() for p in params) == 0:
             return
         lr, momentum, eps, wd = float(group["lr"]), group["momentum"], group["eps"], group["weight_decay"]
