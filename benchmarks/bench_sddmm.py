@@ -134,6 +134,8 @@ def main(argv=None) -> int:
                         ps = P.with_strategy(plan, k, out_f, in_f, cuda=s)
                         providers[f"cuda {s}"] = (lambda ps=ps: lambda: torch.ops.spiel._cuda_sddmm(G, X, idx, out_f, in_f, ps))
                     providers["cuda auto"] = lambda: lambda: torch.ops.spiel._cuda_sddmm(G, X, idx, out_f, in_f, plan)
+                if hasattr(torch.ops.spiel, "sddmm_fp8") and device.type == "cuda":
+                    providers["fp8"] = lambda: lambda: torch.ops.spiel.sddmm_fp8(G, X, idx, out_f, in_f)
 
                 for name, factory in providers.items():
                     # correctness first (outside the timed region)
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
 
         rows = []
         for r in summary:
-            row = {"case": r["case"], "k": r["k"], "dense": ms(r, "dense+gather"), "cusparse": ms(r, "cusparse")}
+            row = {"case": r["case"], "k": r["k"], "dense": ms(r, "dense+gather"), "cusparse": ms(r, "cusparse"),
+                   "fp8": ms(r, "fp8")}
             for be in ("triton", "cuda"):
                 for s in STRATS + ("auto",):
                     row[f"{be[0]}.{s}"] = ms(r, f"{be} {s}")
@@ -185,6 +188,7 @@ def main(argv=None) -> int:
                 cols.append((f"{be}.{s}", f"{be}.{s}"))
             cols.append((f"{be}: x dense", f"{be}.x"))
             cols.append((f"{be}: pick", f"{be}.pick"))
+        cols.append(("fp8 ms", "fp8"))
         print_table(rows, cols, title=f"sddmm, T = {T}, {args.dtype}: median ms (t = triton, c = cuda; "
                                       "'x dense' = dense ms / auto ms; pick ok = auto within 10% of the best)")
 

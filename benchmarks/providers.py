@@ -216,7 +216,7 @@ def spiel_fp8_option() -> Optional[Dict[str, object]]:
         params = inspect.signature(spiel.ops.sparse_delta_linear).parameters
     except Exception:
         return None
-    for name in ("fp8", "use_fp8", "fp8_grad", "fp8_backward"):
+    for name in ("fp8_weight_grad", "fp8", "use_fp8", "fp8_grad", "fp8_backward"):
         if name in params:
             return {name: True}
     if "grad_dtype" in params:

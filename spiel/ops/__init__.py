@@ -7,6 +7,7 @@ and Triton / CUDA kernels where available, chosen by :func:`set_backend` (defaul
 ``nf4_dequantize``              NF4Weight -> dense
 ``nf4_dequantize_add_delta``    NF4Weight + scatter(indices, values) in one pass
 ``sddmm`` / ``sddmm_plan``      (grad_output^T @ input) at flat indices only, fp32
+``sddmm_fp8``                   the same from e4m3 operands (opt-in, Hopper fp8 tensor cores)
 ``sparse_delta_linear``         the layer: autograd for input, values, bias (and candidates)
 ``topk_abs`` / ``topk_outer``   deterministic top-k (ties by position), outer product never formed
 ==============================  =================================================================
@@ -24,6 +25,7 @@ from ._dispatch import (
 from .merge import merge_delta
 from .nf4 import nf4_dequantize, nf4_dequantize_add_delta, nf4_quantize
 from .sddmm import sddmm, sddmm_plan
+from .sddmm_fp8 import sddmm_fp8
 from .linear import sparse_delta_linear, effective_weight
 from .topk import topk_abs, topk_outer
 from . import backends  # noqa: F401  (registers the kernels)
@@ -31,5 +33,5 @@ from . import backends  # noqa: F401  (registers the kernels)
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "backend_info", "get_backend", "set_backend", "set_validation", "use_backend",
     "validation_enabled", "merge_delta", "nf4_dequantize", "nf4_dequantize_add_delta", "nf4_quantize", "sddmm",
-    "sddmm_plan", "sparse_delta_linear", "effective_weight", "topk_abs", "topk_outer",
+    "sddmm_plan", "sddmm_fp8", "sparse_delta_linear", "effective_weight", "topk_abs", "topk_outer",
 ]
