@@ -45,7 +45,7 @@ enum HeaderSlot { H_MAGIC = 0, H_K, H_OUT, H_IN, H_NTILES, H_NITEMS, H_NR, H_NC,
 constexpr int kNLevels = 4;
 constexpr int kNStrategies = 3;
 enum Strategy { kSparse = 0, kDenseTile = 1, kDenseBlas = 2 };
-constexpr int64_t kBandBytes = 16ll << 20;  // sddmm_plan.BAND_BYTES
+constexpr int64_t kBandBytes = 64ll << 20;  // sddmm_plan.BAND_BYTES
 
 struct Layout {
   int64_t ntr, ntc, nt, wmax;

@@ -69,7 +69,9 @@ def sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor,
         grad_output: [..., out_features]; input: [..., in_features] (leading dims flattened to T tokens),
             same dtype, bf16/fp16/fp32 (float64 on the reference backend).
         indices: [k] int32/int64 unique flat row-major positions into [out, in], in range (sorted is fastest).
-        plan: optional result of :func:`sddmm_plan` for exactly these indices.
+        plan: optional result of :func:`sddmm_plan` for exactly these indices: the kernels then run the
+            strategy its cost model chose. Without a plan the Triton and CUDA backends run dense_blas (the
+            vendor GEMM over bounded row bands, then a gather), the right choice at LoRA-like densities.
     Returns fp32 [k] (float64 for float64 inputs), accumulated in fp32, deterministic.
     """
     allowed = _INPUT_DTYPES + (torch.float64,)

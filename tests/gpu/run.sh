@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build spiel._C, run the GPU tests, compute-sanitizer on the CUDA kernels and the
 # benchmarks, then print a short summary. Stages (default: all but e2e):
-#   tests/gpu/run.sh [build] [test] [sanitize] [bench] [e2e]
+#   tests/gpu/run.sh [build] [test] [sanitize] [tune] [bench] [e2e]
 # Logs go to $OUT (default /tmp/spiel-gpu). bitsandbytes wheels in .whl/ are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,13 +47,26 @@ if has sanitize; then
     else
       tail -30 "$OUT/sanitize_$tool.log"; note "compute-sanitizer $tool: ERRORS (see sanitize_$tool.log)"
     fi
+    # sddmm strategies at small shapes (racecheck of the shared-memory staging and the tile extraction)
+    if timeout "${SANITIZE_SDDMM_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 \
+         python3 tests/gpu/sanitize_sddmm.py >"$OUT/sanitize_sddmm_$tool.log" 2>&1; then
+      note "compute-sanitizer $tool sddmm: clean ($(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitize_sddmm_$tool.log") summaries)"
+    else
+      tail -20 "$OUT/sanitize_sddmm_$tool.log"; note "compute-sanitizer $tool sddmm: ERRORS or timeout (see sanitize_sddmm_$tool.log)"
+    fi
   done
+fi
+
+if has tune; then
+  timeout 240 python3 benchmarks/bench_forward.py --tune --tune-out "$OUT/tune.json" >"$OUT/tune.log" 2>&1; rc=$?
+  tail -40 "$OUT/tune.log"
+  note "bench_forward --tune: rc $rc"
 fi
 
 if has bench; then
   for script in bench_forward bench_sddmm bench_layer; do
     if [ -f "benchmarks/$script.py" ]; then
-      timeout 300 python3 "benchmarks/$script.py" >"$OUT/$script.log" 2>&1; rc=$?
+      timeout 300 python3 "benchmarks/$script.py" --csv "$OUT/results.csv" >"$OUT/$script.log" 2>&1; rc=$?
       tail -60 "$OUT/$script.log"
       note "$script: rc $rc"
     fi

@@ -35,8 +35,12 @@ def test_fast_path_matches_emulation_and_float64(dtype, T, out_f, in_f, k, monke
     again = fast(go, x, idx, out_f, in_f)
     assert torch.equal(got, again)  # deterministic
     emulated = kernel_for("sddmm_fp8", "torch")(go, x, idx, out_f, in_f)
-    # same e4m3 codes and scales; only the fp32 accumulation order and the bf16 output rounding differ
-    torch.testing.assert_close(got, emulated, rtol=2 ** -7, atol=1e-6 * float(emulated.abs().max() if k else 1))
+    # same e4m3 codes and scales; the GEMM's accumulation differs: Hopper's fp8 MMA keeps ~14 bits in its
+    # inner accumulation (cuBLASLt promotes to fp32 every few k-steps), then the bf16 output rounding. So the
+    # difference is bounded by 2**-10 of the magnitude sum_t |g| |x| plus one bf16 rounding.
+    r, c = idx.long() // in_f, idx.long() % in_f
+    magnitude = (go.float().abs()[:, r] * x.float().abs()[:, c]).sum(0)
+    assert bool(((got - emulated).abs() <= 2 ** -7 * emulated.abs() + 2 ** -10 * magnitude + 1e-30).all())
     exact, bound = exact_and_bound(go.cpu(), x.cpu(), idx.cpu(), in_f)
     err = (got.cpu().double() - exact).abs()
     assert bool((err <= bound * 1.01 + 1e-6).all())

@@ -230,7 +230,10 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
     return res
 
 
-BAND_BYTES = 16 << 20  # fp32 band buffer of the dense_blas strategy (rows per band = BAND_BYTES / (4 * cols))
+# fp32 band buffer of the dense_blas strategy (rows per band = BAND_BYTES / (4 * cols)): 64 MiB keeps a
+# 4096 x 4096 layer in one band and an 11008 x 4096 one in three, so each call launches a few large GEMMs
+# (16 MiB bands cost ~10 launches per call: CPU-bound at T = 2048, see benchmarks/NOTES.md "profile")
+BAND_BYTES = 64 << 20
 
 
 def band_rows(rows: int, cols: int) -> int:

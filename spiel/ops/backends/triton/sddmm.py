@@ -305,8 +305,9 @@ _IMPL = {"sparse": _sparse, "dense_tile": _dense_tile, "dense_blas": _dense_blas
 def sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, out_features: int,
           in_features: int, plan: Optional[torch.Tensor] = None, strategy: Optional[str] = None) -> torch.Tensor:
     """fp32 [k]: (grad_output^T @ input) at flat ``indices``. Arguments as the op's kernel contract
-    (2-D contiguous, validated); ``plan`` from ``sddmm_plan`` (built here, with one sync, when None);
-    ``strategy`` in ``"sparse" | "dense_tile" | "dense_blas"`` overrides the plan's choice."""
+    (2-D contiguous, validated); ``plan`` from ``sddmm_plan``: without one, dense_blas runs (or, when another
+    ``strategy`` is forced, a plan is built here with one sync); ``strategy`` in
+    ``"sparse" | "dense_tile" | "dense_blas"`` overrides the plan's choice."""
     k = indices.numel()
     T = grad_output.shape[0]
     out_features, in_features = int(out_features), int(in_features)
@@ -314,6 +315,12 @@ def sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor,
         return torch.empty(0, dtype=torch.float32, device=grad_output.device)
     if T == 0:
         return torch.zeros(k, dtype=torch.float32, device=grad_output.device)
+    if plan is None and strategy in (None, "dense_blas"):
+        # no plan: the vendor GEMM over row bands, uncompacted (as the CUDA backend; no plan build, no sync)
+        info = {"level_r": 0, "level_c": 0, "triton": "dense_blas", "cuda": "dense_blas"}
+        secs = {"rowmap": indices, "colmap": indices}  # never read without compaction
+        return _dense_blas(grad_output.contiguous(), input.contiguous(), indices.contiguous(), secs, out_features,
+                           in_features, k, info)
     if plan is None:
         plan = P.build_plan(indices, out_features, in_features)
     info = P.plan_code(plan, k, out_features, in_features)

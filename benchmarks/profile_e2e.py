@@ -1,0 +1,152 @@
+"""Profile one provider's training steps on the LLaMA shape of bench_e2e: where the time and memory go.
+
+    python benchmarks/profile_e2e.py --provider spiel-ag --model 7b       # H100: ~1 min
+    python benchmarks/profile_e2e.py --provider spiel-ag --model tiny --device cpu
+
+Prints: step time (CUDA events) and the GPU-busy fraction (sum of kernel times / wall: below ~0.9 the step is
+launch-bound), the top CUDA kernels by total time, peak memory per phase (forward, backward, optimizer,
+scheduler) and the cost of each scheduler phase of a reselection cycle (probe step, accumulation steps,
+update step) against a plain step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import bench_e2e as E  # noqa: E402
+import harness  # noqa: E402
+
+GIB = 2**30
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--provider", default="spiel-ag", choices=sorted(E.ALL_PROVIDERS))
+    p.add_argument("--model", default="7b", choices=sorted(E.SHAPES))
+    p.add_argument("--device", default=None)
+    p.add_argument("--reselection-steps", type=int, default=20)
+    p.add_argument("--accumulation-steps", type=int, default=5)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--prefer", action="append", default=[], metavar="KERNEL=BACKEND",
+                   help="put BACKEND first in spiel's auto order for KERNEL (e.g. merge_delta=cuda)")
+    p.add_argument("--no-cycle", action="store_true", help="skip the reselection cycle: 3 plain steps, then profile")
+    args = p.parse_args(argv)
+    for item in args.prefer:
+        from spiel.ops import AUTO_ORDER
+
+        kernel, _, backend = item.partition("=")
+        AUTO_ORDER[kernel] = (backend,) + tuple(b for b in AUTO_ORDER.get(kernel, ("cuda", "triton", "torch"))
+                                                 if b != backend)
+    args.seq = None
+    E.quiet()
+    device = harness.pick_device(args.device)
+    cuda = device.type == "cuda"
+    shape = dict(E.SHAPES[args.model])
+    model = E.build_model(shape, device, nf4=args.provider in E.NF4_PROVIDERS)
+    S = args.reselection_steps
+    model, opt, sched, layers = E.setup_provider(args.provider, model, shape, args, device, 10 * S, [])
+    model.train()
+    ids = torch.randint(shape["vocab"], (1, shape["seq"]), device=device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    phases = {}
+
+    def peak_reset():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def peak():
+        return torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
+
+    def step(record=False):
+        peak_reset()
+        out = model(input_ids=ids, labels=ids)
+        if record:
+            phases.setdefault("forward", []).append(peak())
+            peak_reset()
+        out.loss.backward()
+        if record:
+            phases.setdefault("backward", []).append(peak())
+            peak_reset()
+        if opt is not None:
+            opt.step()
+        if record:
+            phases.setdefault("optimizer", []).append(peak())
+            peak_reset()
+        if sched is not None:
+            sched.step()
+        if record:
+            phases.setdefault("scheduler", []).append(peak())
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+    # a full reselection cycle, each step timed and labelled
+    kinds = []
+    for i in range(3 if args.no_cycle else 2 * S + 1):
+        before = E.layer_signature(layers) if layers else None
+        sync()
+        t = time.perf_counter()
+        step(record=True)
+        sync()
+        dt = (time.perf_counter() - t) * 1e3
+        if i >= (1 if args.no_cycle else S):  # the second cycle (the first warms up)
+            probe = bool(before) and any(b[3] for b in before)
+            cand = bool(before) and any(b[2] for b in before)
+            changed = bool(layers) and E.update_step(before, E.layer_signature(layers)) and not (probe or cand)
+            kind = "probe" if probe else ("update" if changed and not cand else ("accumulate" if cand else "plain"))
+            if cand and any(b[0] is not a[0] or b[1] != a[1] for b, a in zip(before, E.layer_signature(layers))):
+                kind = "accumulate+update"
+            kinds.append((kind, dt))
+    by = {}
+    for kind, dt in kinds:
+        by.setdefault(kind, []).append(dt)
+    plain = statistics.median(by.get("plain", [float("nan")]))
+    print(f"\n== {args.provider} on {args.model} {args.prefer or ''}: ms per step by kind "
+          f"({'plain steps' if args.no_cycle else f'second reselection cycle, S={S}'})")
+    for kind, v in sorted(by.items()):
+        print(f"  {kind:18s} n={len(v):2d}  median {statistics.median(v):8.1f} ms  extra over plain "
+              f"{statistics.median(v) - plain:8.1f} ms")
+    avg = statistics.fmean(dt for _, dt in kinds)
+    print(f"  average over the cycle {avg:.1f} ms = plain x {avg / plain:.3f}")
+    print("\n== peak memory per phase (GiB, max over the cycle)")
+    for ph, v in phases.items():
+        print(f"  {ph:10s} {max(v):7.2f}")
+    if not cuda:
+        return 0
+    # profile two plain steps
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or
+              getattr(e, "self_device_time_total", 0) > 0]
+    total_dev = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    sync()
+    t = time.perf_counter()
+    for _ in range(2):
+        step()
+    sync()
+    wall = (time.perf_counter() - t) * 1e6
+    print(f"\n== two plain steps: wall {wall / 2e3:.1f} ms/step, device busy {total_dev / 2e3:.1f} ms/step "
+          f"({total_dev / wall:.0%} of wall; profiled separately)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if not hasattr(events[0], "self_device_time_total")
+                                    else "self_device_time_total", row_limit=args.top, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
