@@ -2,8 +2,9 @@
 
 Also home of what both spiel optimizers share: finding the sparse layers of a model, the optimizer base class
 (param groups, ``reindex`` of per-slot state when the scheduler changes indices, dtype-preserving
-``load_state_dict``) and the vectorised AdamW math (``torch._foreach_*``: a fixed number of fused launches per
-step, whatever the number of layers; no host sync).
+``load_state_dict``) and the vectorised AdamW math (``torch._foreach_*`` over groups of at most
+:data:`GROUP_NUMEL` deltas: bounded temporaries, launches bounded by the number of groups whatever the number of
+layers; no host sync).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["SparseAdamW", "sparse_layers", "is_sparse_layer", "layer_shape"]
+__all__ = ["SparseAdamW", "sparse_layers", "is_sparse_layer", "layer_shape", "adamw_foreach", "GROUP_NUMEL"]
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -59,6 +60,195 @@ def layer_shape(layer) -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ AdamW math
+#: Most elements (deltas) one grouped launch sequence of the sparse optimizers works on. The optimizers' step
+#: temporaries scale with it (SparseAdamW: 8 B per element with fp32 values and state, SM3: ~16 B), not with the
+#: total number of deltas; the number of launches per step is about (total deltas / GROUP_NUMEL + 1) x a constant.
+#: Read at every step (a per-optimizer ``group_numel`` argument overrides it).
+GROUP_NUMEL = 2 ** 24
+
+#: Saturation point of an int16 per-slot step count. Past it the fp32 bias corrections ``1 - beta**t`` are exactly
+#: 1 for every beta with ``beta**32767 <= 2**-26`` (beta <= 0.99947, e.g. 0.999), so saturating changes nothing;
+#: SparseAdamW picks int32 step counts (exact up to 2**24 steps, as fp32 ones) for betas closer to 1.
+INT16_STEP_LIMIT = 32767
+_FP32_STEP_LIMIT = 2 ** 24  # largest count fp32 arithmetic increments exactly
+
+
+def step_limit(dtype: torch.dtype) -> int:
+    """Largest per-slot step count stored in ``dtype`` (counts saturate there)."""
+    return INT16_STEP_LIMIT if dtype == torch.int16 else _FP32_STEP_LIMIT
+
+
+def step_dtype_for(betas: Tuple[float, float]) -> torch.dtype:
+    """The compact per-slot step dtype that keeps the AdamW math exact for ``betas``: int16 if both
+    ``beta**32767 <= 2**-26`` (the fp32 bias corrections are exactly 1 from the saturation point on), else int32."""
+    return torch.int16 if max(float(b) for b in betas) ** INT16_STEP_LIMIT <= 2.0 ** -26 else torch.int32
+
+
+def resolve_group_numel(group_numel: Optional[int]) -> int:
+    """``group_numel`` validated (None: the module's :data:`GROUP_NUMEL`)."""
+    value = GROUP_NUMEL if group_numel is None else group_numel
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"group_numel must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"group_numel must be >= 1, got {value}")
+    return value
+
+
+def _segment_groups(numels: Sequence[int], group_numel: int) -> List[List[Tuple[int, int, int]]]:
+    """Cut tensors of ``numels`` elements, in order, into groups of at most ``group_numel`` elements: each group
+    is a list of ``(tensor position, start, length)`` slices (a tensor larger than a group spans several)."""
+    groups: List[List[Tuple[int, int, int]]] = []
+    cur: List[Tuple[int, int, int]] = []
+    size = 0
+    for i, n in enumerate(numels):
+        start = 0
+        while start < n:
+            take = min(n - start, group_numel - size)
+            cur.append((i, start, take))
+            size += take
+            start += take
+            if size == group_numel:
+                groups.append(cur)
+                cur, size = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _flat(t: torch.Tensor, what: str, writable: bool = True) -> torch.Tensor:
+    if t.is_contiguous():
+        return t.view(-1)
+    if writable:
+        raise ValueError(f"{what} must be contiguous (updated in place)")
+    return t.reshape(-1)
+
+
+def _slices(tensors: Sequence[torch.Tensor], seg, what: str, writable: bool = True) -> List[torch.Tensor]:
+    out = []
+    for i, start, length in seg:
+        t = _flat(tensors[i], what, writable)
+        out.append(t if (start == 0 and length == t.numel()) else t.narrow(0, start, length))
+    return out
+
+
+def _fp32_copy(src: List[torch.Tensor], lens: List[int], n: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """A flat fp32 buffer holding ``src`` (one ``_foreach_copy_``), and its views shaped like ``src``."""
+    buf = torch.empty(n, dtype=torch.float32, device=src[0].device)
+    views = list(buf.split(lens))
+    torch._foreach_copy_(views, src)
+    return buf, views
+
+
+def _adamw_group(P, G, M, V, S, lens, n, *, lr, beta1, beta2, eps, weight_decay, maximize, limit) -> None:
+    """AdamW on one group of flat slices (same dtypes within each list; ``n`` elements in all). Temporaries:
+    two fp32 buffers of ``n`` elements (``t``: step counts, then bias corrections; the denominator), plus one
+    fp32 copy per list that is not fp32 (the grads' copy is reused as ``t``, the ``exp_avg_sq`` one as the
+    denominator)."""
+    f32 = torch.float32
+    p32, pbuf = P, None
+    if P[0].dtype != f32:
+        pbuf, p32 = _fp32_copy(P, lens, n)
+    g32, gbuf = G, None
+    if G[0].dtype != f32 or maximize:
+        gbuf, g32 = _fp32_copy(G, lens, n)
+        if maximize:
+            gbuf.neg_()
+    m32, mbuf = M, None
+    if M[0].dtype != f32:
+        mbuf, m32 = _fp32_copy(M, lens, n)
+    v32, vbuf = V, None
+    if V[0].dtype != f32:
+        vbuf, v32 = _fp32_copy(V, lens, n)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(m32, g32, 1.0 - beta1)
+    torch._foreach_mul_(v32, beta2)
+    torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+    if mbuf is not None:
+        torch._foreach_copy_(M, m32)
+    if vbuf is not None:
+        torch._foreach_copy_(V, v32)
+    # per-slot step counts, saturating: t = min(t, limit - 1) + 1, in fp32 (exact: limit <= 2**24; integer
+    # foreach clamps are no fused launch on CUDA)
+    if gbuf is not None:
+        t, tv = gbuf, g32  # the grads are not needed any more
+    else:
+        t = torch.empty(n, dtype=f32, device=P[0].device)
+        tv = list(t.split(lens))
+    del g32, gbuf
+    torch._foreach_copy_(tv, S)
+    t.clamp_max_(limit - 1).add_(1.0)
+    torch._foreach_copy_(S, tv)
+    if lr != 0.0:
+        torch.pow(beta2, t, out=t)
+        t.sub_(1.0).neg_().sqrt_()  # sqrt(1 - beta2^t)
+        if vbuf is not None:
+            vbuf.sqrt_()  # the fp32 exp_avg_sq (written back already) becomes the denominator
+            dv = v32
+        else:
+            dv = torch._foreach_sqrt(v32)
+        torch._foreach_div_(dv, tv)
+        torch._foreach_add_(dv, eps)  # sqrt(v) / sqrt(1 - beta2^t) + eps
+        torch._foreach_copy_(tv, S)
+        torch.pow(beta1, t, out=t)
+        t.sub_(1.0).div_(lr).reciprocal_()  # -lr / (1 - beta1^t): the (negative) step size
+        torch._foreach_div_(dv, tv)
+        del t, tv
+        torch._foreach_addcdiv_(p32, m32, dv)
+    if pbuf is not None:
+        torch._foreach_copy_(P, p32)
+
+
+@torch.no_grad()
+def adamw_foreach(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                  exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, maximize: bool = False,
+                  group_numel: Optional[int] = None) -> None:
+    """One AdamW step on lists of tensors, with TENSOR step counts: ``steps[i]`` has the shape of ``params[i]``
+    (per-slot bias correction; fp32, or int16/int32 counts that saturate at :func:`step_limit`), or is 0-dim
+    (a dense parameter, one count).
+
+    Math (torch.optim.AdamW, per element): ``t += 1; p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
+    v = b2*v + (1-b2)*g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``, computed in fp32 (bf16/fp16
+    params or states are upcast and written back rounded). Tensors with per-slot steps are processed in groups
+    of at most ``group_numel`` (default :data:`GROUP_NUMEL`) elements: the temporaries are two fp32 buffers of
+    one group (plus one per non-fp32 list), and the launches per call are bounded by the number of groups
+    (and dtype combinations), whatever the number of tensors. No host sync.
+    """
+    n_t = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n_t):
+        raise ValueError("adamw_foreach: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
+    if not n_t:
+        return
+    group_numel = resolve_group_numel(group_numel)
+    hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                 weight_decay=float(weight_decay), maximize=bool(maximize))
+    buckets: Dict[tuple, List[int]] = defaultdict(list)
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape:
+            raise ValueError(f"adamw_foreach: tensor {i}: grad, exp_avg and exp_avg_sq must have the shape of the "
+                             f"param {tuple(p.shape)}")
+        if s.dim() == 0 and p.dim() != 0:
+            _adamw_dense([p], [g], [m], [v], [s], **hyper)
+            continue
+        if s.shape != p.shape:
+            raise ValueError(f"adamw_foreach: steps[{i}] must be 0-dim or have the param's shape {tuple(p.shape)}, "
+                             f"got {tuple(s.shape)}")
+        if s.is_complex() or s.dtype == torch.bool:
+            raise TypeError(f"adamw_foreach: steps[{i}] must be a real (int16/int32/float32) tensor, got {s.dtype}")
+        if p.numel():
+            buckets[(p.device, p.dtype, g.dtype, m.dtype, v.dtype, s.dtype)].append(i)
+    for key, sel in buckets.items():
+        limit = step_limit(key[-1])
+        sub = lambda ts: [ts[i] for i in sel]  # noqa: E731
+        P, G, M, V, S = sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(steps)
+        for seg in _segment_groups([p.numel() for p in P], group_numel):
+            lens = [length for _, _, length in seg]
+            _adamw_group(_slices(P, seg, "params"), _slices(G, seg, "grads", writable=False),
+                         _slices(M, seg, "exp_avgs"), _slices(V, seg, "exp_avg_sqs"), _slices(S, seg, "steps"),
+                         lens, sum(lens), limit=limit, **hyper)
+
+
 def _as_fp32(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
@@ -69,19 +259,9 @@ def _copy_back(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None
         torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
-@torch.no_grad()
-def adamw_foreach(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                  exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], *, lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float, maximize: bool = False) -> None:
-    """One AdamW step on lists of tensors, with TENSOR step counts (``steps[i]`` has the shape of
-    ``params[i]`` for per-slot bias correction, or is 0-dim for a dense parameter).
-
-    Math (torch.optim.AdamW, per element): ``t += 1; p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
-    v = b2*v + (1-b2)*g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``. Computed in fp32 (bf16/fp16
-    params or states are upcast and written back rounded). No host sync.
-    """
-    if not params:
-        return
+def _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                 maximize=False) -> None:
+    """AdamW on dense tensors with 0-dim fp32 step counts (``other_params``: few, small tensors), unchunked."""
     torch._foreach_add_(steps, 1.0)
     p32, g32 = _as_fp32(params), _as_fp32(grads)
     m32, v32 = _as_fp32(exp_avgs), _as_fp32(exp_avg_sqs)
@@ -253,7 +433,10 @@ class SparseOptimizerBase(torch.optim.Optimizer):
                 continue
             new = t.index_select(0, src) if src.numel() else t.new_empty(0)
             if key in seed:
-                new.masked_scatter_(regrown, seed[key].to(device=new.device, dtype=new.dtype))
+                sv = seed[key].to(device=new.device)
+                if not new.is_floating_point():  # compact integer step counts: saturate, never wrap
+                    sv = sv.clamp(0, step_limit(new.dtype))
+                new.masked_scatter_(regrown, sv.to(dtype=new.dtype))
             else:
                 new.masked_fill_(regrown, fill)
             state[key] = new
@@ -306,9 +489,9 @@ class SparseOptimizerBase(torch.optim.Optimizer):
         # dense tensors have different shapes than their 0-dim steps: one foreach call per tensor keeps the
         # math identical to the sparse path (few dense tensors: a classifier head)
         for i in range(len(params)):
-            adamw_foreach(params[i:i + 1], grads[i:i + 1], ms[i:i + 1], vs[i:i + 1], steps[i:i + 1],
-                          lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
+            _adamw_dense(params[i:i + 1], grads[i:i + 1], ms[i:i + 1], vs[i:i + 1], steps[i:i + 1],
+                         lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
 
 
 def _gather_sparse(optimizer, group):
@@ -338,42 +521,84 @@ class SparseAdamW(SparseOptimizerBase):
             memory; the math runs in fp32 either way).
         other_params: optional dense trainable tensors (or param-group dicts) such as a classifier head,
             updated with plain AdamW (same hyperparameters unless the dict overrides them; fp32-like state in
-            the parameter's dtype, one step count per tensor).
+            the parameter's dtype, one fp32 step count per tensor).
+        group_numel: most deltas updated by one sequence of launches (default :data:`GROUP_NUMEL`, read at each
+            step); bounds the step's temporaries.
 
-    State per sparse layer (O(k)): ``exp_avg`` [k], ``exp_avg_sq`` [k] (``state_dtype``) and ``step`` [k] fp32:
-    a step count PER SLOT, so an index regrown by the scheduler restarts Adam's bias correction on its own
-    (regrown slots get zero moments and step 0; see :meth:`reindex`). The update runs as ~20 ``torch._foreach``
-    launches for all layers together, with no host sync.
+    State per sparse layer (O(k)): ``exp_avg`` [k], ``exp_avg_sq`` [k] (``state_dtype``) and ``step`` [k]: a step
+    count PER SLOT, so an index regrown by the scheduler restarts Adam's bias correction on its own (regrown
+    slots get zero moments and step 0; see :meth:`reindex`). ``step`` is int16, saturating at 32767 (exact: the
+    fp32 bias corrections are 1 from there on for betas <= 0.99947), or int32 for betas closer to 1 (exact up
+    to 2**24 steps, as fp32 counts were); checkpoints with fp32 per-slot steps load (converted).
+
+    Bytes per delta: persistent 10 (fp32 moments, int16 step; 6 with bf16 moments), beside the layer's values,
+    grad and index. Transient at the step: two fp32 buffers of one group (8 B x ``group_numel``), plus one per
+    list that is not fp32 (bf16 values: 12; bf16 values and moments: 16 B x ``group_numel``). The update runs
+    as ~20 launches per group of at most ``group_numel`` deltas (layers are packed into groups in order, a
+    large layer spans several), with no host sync.
     """
 
-    _slot_state = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": 0.0}
+    _slot_state = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": 0}
 
     def __init__(self, model, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, state_dtype: torch.dtype = torch.float32, maximize: bool = False,
-                 other_params=None):
+                 other_params=None, group_numel: Optional[int] = None):
         lr = _check_float("lr", lr)
         eps = _check_float("eps", eps)
         weight_decay = _check_float("weight_decay", weight_decay)
         betas = _check_betas(betas)
         if state_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"state_dtype must be float32, bfloat16 or float16, got {state_dtype}")
+        if group_numel is not None:
+            resolve_group_numel(group_numel)
         self.state_dtype = state_dtype
+        self.group_numel = group_numel
         hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
         super().__init__(model, hyper, other_params, dict(hyper))
 
     def _init_state(self, param, layer, group) -> None:
         st = self.state[param]
         if not st:
-            st["step"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            st["step"] = torch.zeros(param.shape, dtype=step_dtype_for(group["betas"]), device=param.device)
             st["exp_avg"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
             st["exp_avg_sq"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
+
+    @staticmethod
+    def _compact_step(st: dict, betas) -> None:
+        """Store ``st["step"]`` in the compact dtype for ``betas`` (fp32 per-slot steps of older checkpoints,
+        int16 counts after the betas moved closer to 1); no host sync."""
+        step = st.get("step")
+        if not isinstance(step, torch.Tensor) or step.dim() == 0:
+            return
+        want = step_dtype_for(betas)
+        if step.dtype == want or (want == torch.int16 and step.dtype == torch.int32):
+            return  # int32 counts are exact for any betas
+        limit = step_limit(want)
+        if step.is_floating_point():
+            step = step.round().clamp(0, limit)
+        else:
+            step = step.clamp(0, limit) if torch.iinfo(step.dtype).max > limit else step.clamp(min=0)
+        st["step"] = step.to(want)
 
     def _step_sparse(self, group, params, grads, states) -> None:
         for p, st in zip(params, states):
             if not st or st["step"].shape != p.shape:
                 st.clear()
                 self._init_state(p, self._layer_of.get(id(p)), group)
+            else:
+                self._compact_step(st, group["betas"])
         beta1, beta2 = group["betas"]
         adamw_foreach(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                       [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                      eps=group["eps"], weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
+                      eps=group["eps"], weight_decay=group["weight_decay"], maximize=group.get("maximize", False),
+                      group_numel=self.group_numel)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`SparseOptimizerBase.load_state_dict`; per-slot fp32 ``step`` tensors (checkpoints of older
+        versions) are converted to the compact integer counts."""
+        super().load_state_dict(state_dict)
+        group = self.param_groups[0]
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st:
+                self._compact_step(st, group["betas"])
