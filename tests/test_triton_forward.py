@@ -202,6 +202,48 @@ def group_merge_search(device):
         _assert_equal(got, want, "merge chunk edges")
 
 
+# Non-default launch knobs (the --tune sweep's axes) on tiny chunks: persistent programs walking many chunks
+# (under the interpreter the SM count is 3), cache hints, windows shorter than a chunk's deltas.
+MERGE_KNOBS = [
+    {"block": 64, "num_warps": 1, "persistent": 1, "patch_tile": 16, "probes": 8},
+    {"block": 128, "num_warps": 2, "persistent": 2, "evict": "evict_first", "store": ".cs"},
+    {"block": 64, "num_warps": 2, "evict": "evict_first", "store": ".cs", "patch_tile": 8},
+]
+NF4_KNOBS = [
+    {"block": 64, "num_warps": 1, "persistent": 1, "patch_tile": 16, "probes": 8},
+    {"block": 128, "num_warps": 2, "persistent": 2, "decode": "pairs", "evict": "evict_first", "store": ".cs"},
+    {"block": 128, "num_warps": 2, "decode": "pairs", "group": 8, "patch_tile": 16},
+]
+
+
+def group_merge_knobs(device):
+    ref, tri = _kernels("merge_delta")
+    for knobs in MERGE_KNOBS:
+        with triton_config(merge=knobs):
+            shape = (13, 129)
+            n = shape[0] * shape[1]
+            check_merge(shape, torch.bfloat16, torch.float32, torch.int32, [0, 1, n // 100, n // 3, n], device,
+                        inplace=False)
+            check_merge((37, 129), torch.float32, torch.bfloat16, torch.int64, [40, 1500], device, inplace=False)
+            weight = _randn(shape, torch.float16, _gen(device, "knob-edges"), device)
+            edges = torch.tensor(sorted({0, 63, 64, 127, 128, 1023, 1024, n - 2, n - 1}), dtype=torch.int32,
+                                 device=device)
+            values = _randn(edges.numel(), torch.float32, _gen(device, "knob-edges-v"), device)
+            want = _poison(shape, weight.dtype, device)
+            ref(weight, edges, values, want)
+            got = _poison(shape, weight.dtype, device)
+            tri(weight, edges, values, got)
+            _assert_equal(got, want, f"merge chunk edges {knobs}")
+
+
+def group_nf4_dequant_knobs(device):
+    for knobs in NF4_KNOBS:
+        with triton_config(nf4=knobs):
+            for bs, dq, od in [(32, True, torch.bfloat16), (64, False, torch.float32), (4096, True, torch.float16)]:
+                check_dequant((13, 130), bs, dq, od, torch.float32, torch.int32, [0, 1, 17, 563, 1690], device)
+            check_dequant((37, 130), 64, True, torch.bfloat16, torch.bfloat16, torch.int64, [481, 4810], device)
+
+
 def group_nf4_quantize(device):
     for shape, bs, wd in itertools.product([(1, 2), (3, 6), (37, 130), (64, 300)], BLOCKSIZES, WEIGHT_DTYPES):
         check_quantize(shape, bs, wd, device)

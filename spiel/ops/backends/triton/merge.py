@@ -2,21 +2,26 @@
 
 Design (see benchmarks/NOTES.md, "Forward kernels (Triton)"):
 
-- out-of-place: each program owns one contiguous chunk of ``BLOCK`` flat elements. It issues the dense load
-  of its chunk, finds the range ``[lo, hi)`` of the sorted indices that fall in the chunk with a vectorised
-  k-ary search (``_lower_bound``: ``S`` probes per step, ~3 dependent steps for k = 450K), writes the dense
-  chunk, then -- after a CTA barrier, so its own dense stores are ordered before -- overwrites the delta
-  positions with ``fp32(w[i]) + fp32(v)`` rounded once. The patched elements are stored twice, but both
-  stores hit the same L2 line within microseconds, so DRAM sees one write; the extra traffic is the k
-  (index, value) pairs the op must read anyway. No atomics.
+- out-of-place: the flat output is cut into chunks of ``BLOCK`` elements. Per chunk: load the dense chunk;
+  read the window ``indices[lo : lo + PT]`` starting at the chunk's first delta ``lo`` (those below the
+  chunk's end are its deltas; a chunk with more than PT deltas reads further windows) and gather their
+  weights; store the dense chunk; then -- after a CTA barrier, so the program's own dense stores are ordered
+  before -- overwrite the delta positions with ``fp32(w[i]) + fp32(v)`` rounded once. The patched elements
+  are stored twice, but both stores hit the same L2 line within microseconds, so DRAM sees one write; the
+  extra traffic is the k (index, value) pairs the op must read anyway. No atomics.
+  ``PERSISTENT`` off: one program per chunk, ``lo`` found by a vectorised k-ary search (``_lower_bound``).
+  On: ``programs per SM x SM count`` programs, each walks a contiguous run of chunks, carries ``lo`` from one
+  chunk to the next (one search per program) and loads chunk c+1 before it stores and patches chunk c, so
+  a load is in flight while the patch's dependent gathers run.
 - in place (``out`` is ``weight``): the dense part is the identity, so only the patch runs, over the k
   indices (a grid over ``indices``, not over the weight): k reads + k writes instead of a full pass.
 
 Dtypes come from the pointers (weight/out bf16/fp16/fp32, values fp32/bf16/fp16, indices int32/int64): one
-kernel source, specialised by Triton per dtype combination.
+kernel source, specialised by Triton per dtype combination. Launch knobs: ``MERGE_CONFIG``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,16 +30,30 @@ import triton.language as tl
 
 from ..._dispatch import register_kernel
 
-# Per weight element size: (elements per program, warps). 16 KB of weight per program for 2-byte dtypes.
-# benchmarks/bench_forward.py --tune sweeps these; tests override them through _CONFIG_OVERRIDE.
+# The launch configuration, and the only place its defaults live: (weight element size in bytes, size class)
+# -> knobs; size class "large" when the weight has >= LARGE_N elements. The knobs:
+#   block       elements per chunk (16 KiB of weight at 8192 x 2 B)
+#   num_warps   warps per program
+#   persistent  0: one program per chunk; m > 0: m programs per SM, each walking a contiguous run of chunks
+#               with the next chunk's load in flight (bytes in flight per SM ~ m x block x itemsize)
+#   evict       eviction policy of the dense load: "" (default) or "evict_first" (L1 and, by a
+#               createpolicy hint, L2)
+#   store       cache modifier of the dense store: "" (default, write-back) or ".cs" (streaming)
+# Optional: patch_tile (deltas per window; default max(256, block // 32)), probes (k-ary search width).
+# Source: v1 (block 8192 / 4096, 8 warps, no hints, not persistent), measured on an H100 on 2026-11-23 at
+# 79% of copy (benchmarks/NOTES.md). `python benchmarks/bench_forward.py --tune --tune-out tune.json` sweeps
+# the knobs on 4096x4096 ("small") and 11008x4096 ("large") bf16 and prints the entries to paste here; the
+# fp32 entries keep the bf16 bytes per program (half the elements) and are not measured.
 MERGE_CONFIG = {
-    2: (8192, 8),
-    4: (4096, 8),
+    (2, "small"): dict(block=8192, num_warps=8, persistent=0, evict="", store=""),
+    (2, "large"): dict(block=8192, num_warps=8, persistent=0, evict="", store=""),
+    (4, "small"): dict(block=4096, num_warps=8, persistent=0, evict="", store=""),
+    (4, "large"): dict(block=4096, num_warps=8, persistent=0, evict="", store=""),
 }
-PATCH_TILE = 256        # indices handled per step of the patch loop
+LARGE_N = 1 << 25       # 33.5M elements: 4096x4096 is "small", 11008x4096 "large"
 SEARCH_PROBES = 128     # probes per step of the k-ary search
 INPLACE_BLOCK = 1024    # indices per program of the in-place (patch-only) kernel
-_CONFIG_OVERRIDE: dict = {}  # e.g. {"block": 64, "num_warps": 1} (tests: many chunk boundaries on small tensors)
+_CONFIG_OVERRIDE: dict = {}  # any knob above, e.g. {"block": 64, "num_warps": 1} (tests, the --tune sweep)
 
 _INT32_SAFE = 2**31 - 2**20  # below this every offset we form fits in int32
 
@@ -42,6 +61,25 @@ _INT32_SAFE = 2**31 - 2**20  # below this every offset we form fits in int32
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1`` (kernels then run on the CPU through Triton's numpy interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_config(table: dict, override: dict, itemsize: int, n: int) -> dict:
+    """The knobs for a tensor of ``n`` elements of ``itemsize`` bytes: the table's entry, then ``override``."""
+    cfg = dict(table[(itemsize, "large" if n >= LARGE_N else "small")])
+    cfg.update(override)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda" and not interpreting():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3  # interpreter: a few programs, each walking many chunks
+
+
+def grid_size(n: int, block: int, persistent: int, device: torch.device) -> int:
+    chunks = triton.cdiv(n, block)
+    return min(chunks, persistent * _sm_count(device)) if persistent else chunks
 
 
 @triton.jit
@@ -84,35 +122,76 @@ def _lower_bound(idx_ptr, lo, hi, target, S: tl.constexpr):
     return lo
 
 
+@triton.jit
+def chunk_range(n, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, BIG: tl.constexpr):
+    """(first chunk, end chunk, first element) of this program: one chunk, or a contiguous even share."""
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        chunks = tl.cdiv(n, BLOCK).to(tl.int64)
+        nprog = tl.num_programs(0).to(tl.int64)
+        c0 = (pid.to(tl.int64) * chunks // nprog).to(tl.int32)
+        c1 = ((pid + 1).to(tl.int64) * chunks // nprog).to(tl.int32)
+    else:
+        c0 = pid
+        c1 = pid + 1
+    if BIG:
+        start = c0.to(tl.int64) * BLOCK
+    else:
+        start = c0 * BLOCK
+    return c0, c1, start
+
+
+@triton.jit
+def delta_window(lo, kk, end, idx_ptr, val_ptr, PT: tl.constexpr):
+    """The deltas j in [lo, lo + PT) with idx[j] < end (the chunk's end): (indices, values, mask, count).
+    ``lo`` is the chunk's first delta, so these are the chunk's first (up to PT) deltas."""
+    j = lo + tl.arange(0, PT)
+    m = j < kk
+    i = tl.load(idx_ptr + j, mask=m, other=0)
+    m = m & (i < end)
+    v = tl.load(val_ptr + j, mask=m, other=0)
+    return i, v, m, tl.sum(m.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _merge_patch(out_ptr, i, wi, v, m, EMU: tl.constexpr):
+    tl.store(out_ptr + i, round_to(to_f32(wi, EMU) + to_f32(v, EMU), out_ptr.dtype.element_ty, EMU), mask=m)
+
+
 @triton.jit(do_not_specialize=["k"])  # k == 1 must not become a constexpr (loop-carried search bounds)
 def _merge_chunk_kernel(w_ptr, idx_ptr, val_ptr, out_ptr, n, k,
                         BLOCK: tl.constexpr, PT: tl.constexpr, S: tl.constexpr, BIG: tl.constexpr,
-                        EMU: tl.constexpr):
-    pid = tl.program_id(0)
+                        EMU: tl.constexpr, PERSISTENT: tl.constexpr, EVICT: tl.constexpr, STORE: tl.constexpr):
+    c0, c1, start = chunk_range(n, BLOCK, PERSISTENT, BIG)
     if BIG:
-        start = pid.to(tl.int64) * BLOCK
         lo = tl.zeros((), dtype=tl.int64)
         kk = k.to(tl.int64)
     else:
-        start = pid * BLOCK
         lo = tl.zeros((), dtype=tl.int32)
         kk = k
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    w = tl.load(w_ptr + offs, mask=mask)  # issued first: in flight during the search
-    lo = _lower_bound(idx_ptr, lo, kk, start, S)
-    hi = _lower_bound(idx_ptr, lo, tl.minimum(kk, lo + BLOCK), start + BLOCK, S)  # unique: <= BLOCK in chunk
-    tl.store(out_ptr + offs, w, mask=mask)
-    if hi > lo:
-        tl.debug_barrier()  # this CTA's dense stores are ordered before its patch stores
-        for j0 in range(lo, hi, PT):
-            j = j0 + tl.arange(0, PT)
-            m = j < hi
-            i = tl.load(idx_ptr + j, mask=m, other=0)
-            v = tl.load(val_ptr + j, mask=m, other=0)
-            wi = tl.load(w_ptr + i, mask=m, other=0)
-            merged = to_f32(wi, EMU) + to_f32(v, EMU)
-            tl.store(out_ptr + i, round_to(merged, out_ptr.dtype.element_ty, EMU), mask=m)
+    w = tl.load(w_ptr + offs, mask=offs < n, eviction_policy=EVICT)  # issued first: in flight during the search
+    lo = _lower_bound(idx_ptr, lo, kk, start, S)  # the chunk's first delta (later chunks: carried)
+    for c in range(c0, c1):
+        end = start + BLOCK
+        if PERSISTENT:  # the next chunk's load is in flight while this one is stored and patched
+            nxt = offs + BLOCK
+            w_next = tl.load(w_ptr + nxt, mask=(nxt < n) & (c + 1 < c1), eviction_policy=EVICT)
+        i, v, m, cnt = delta_window(lo, kk, end, idx_ptr, val_ptr, PT)
+        wi = tl.load(w_ptr + i, mask=m, other=0)  # lines this chunk has just loaded: L1/L2 hits
+        tl.store(out_ptr + offs, w, mask=offs < n, cache_modifier=STORE)
+        if cnt > 0:
+            tl.debug_barrier()  # this CTA's dense stores are ordered before its patch stores
+            _merge_patch(out_ptr, i, wi, v, m, EMU)
+        lo += cnt
+        while cnt == PT:  # more than PT deltas in the chunk: next window (already behind the barrier)
+            i, v, m, cnt = delta_window(lo, kk, end, idx_ptr, val_ptr, PT)
+            _merge_patch(out_ptr, i, tl.load(w_ptr + i, mask=m, other=0), v, m, EMU)
+            lo += cnt
+        if PERSISTENT:
+            w = w_next
+            offs = nxt
+            start = end
 
 
 @triton.jit
@@ -130,10 +209,9 @@ def _merge_inplace_kernel(w_ptr, idx_ptr, val_ptr, k, BLOCK: tl.constexpr, BIG: 
     tl.store(w_ptr + i, round_to(merged, w_ptr.dtype.element_ty, EMU), mask=m)
 
 
-def merge_config(dtype: torch.dtype) -> tuple:
-    """(elements per program, warps) of the out-of-place merge for a weight dtype."""
-    block, warps = MERGE_CONFIG[dtype.itemsize]
-    return _CONFIG_OVERRIDE.get("block", block), _CONFIG_OVERRIDE.get("num_warps", warps)
+def merge_config(dtype: torch.dtype, n: int) -> dict:
+    """The launch knobs of the out-of-place merge for a weight of ``n`` elements of ``dtype``."""
+    return launch_config(MERGE_CONFIG, _CONFIG_OVERRIDE, dtype.itemsize, n)
 
 
 @register_kernel("merge_delta", "triton")
@@ -150,9 +228,10 @@ def merge_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
         _merge_inplace_kernel[(triton.cdiv(k, block),)](out, indices, values, k, BLOCK=block, BIG=big,
                                                         EMU=interpreting(), num_warps=4)
         return
-    block, warps = merge_config(weight.dtype)
-    big = n + block >= _INT32_SAFE or k + block >= _INT32_SAFE
-    _merge_chunk_kernel[(triton.cdiv(n, block),)](
+    cfg = merge_config(weight.dtype, n)
+    block, pt = cfg["block"], cfg.get("patch_tile", max(256, cfg["block"] // 32))
+    big = n + 2 * block >= _INT32_SAFE or k + block + pt >= _INT32_SAFE
+    _merge_chunk_kernel[(grid_size(n, block, cfg["persistent"], weight.device),)](
         weight, indices, values, out, n, k,
-        BLOCK=block, PT=_CONFIG_OVERRIDE.get("patch_tile", PATCH_TILE),
-        S=_CONFIG_OVERRIDE.get("probes", SEARCH_PROBES), BIG=big, EMU=interpreting(), num_warps=warps)
+        BLOCK=block, PT=pt, S=cfg.get("probes", SEARCH_PROBES), BIG=big, EMU=interpreting(),
+        PERSISTENT=cfg["persistent"] > 0, EVICT=cfg["evict"], STORE=cfg["store"], num_warps=cfg["num_warps"])
