@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.backends.sddmm_plan import plan_code
 from ..quant.nf4 import NF4Weight
 
 __all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit"]
@@ -197,7 +198,10 @@ class SparseDeltaLinear(nn.Linear):
         values: ``nn.Parameter`` [k], initially 0.
         candidates / candidate_values: AG candidates (see :meth:`set_candidates`), else None.
         gradient_probe: None or ``probe(layer, grad_output_2d, input_2d)`` called in backward.
-        sddmm_plan: non-persistent buffer, plan of ``indices`` (or ``cat(indices, candidates)``).
+        fp8_weight_grad: False (default); True takes the delta gradient from e4m3 operands
+            (:func:`spiel.ops.sddmm_fp8`).
+        sddmm_plan: non-persistent buffer, plan of ``indices`` (or ``cat(indices, candidates)``); None where
+            both GPU backends would run dense_blas, which needs no plan (LoRA-like densities: saves 12 B per delta).
 
     state_dict: ``weight`` and ``bias`` under ``nn.Linear``'s keys (plus bitsandbytes' ``weight.*`` quant-state
     keys for a ``Linear4bit`` base, or ``weight_packed``/``weight_absmax``/... for a spiel ``NF4Weight`` base),
@@ -306,6 +310,8 @@ class SparseDeltaLinear(nn.Linear):
         self.register_buffer("candidates", None, persistent=False)
         self.candidate_values: Optional[torch.Tensor] = None
         self.gradient_probe: Optional[Callable] = None
+        # opt-in: the delta gradient from fp8 (e4m3) operands (spiel.ops.sddmm_fp8; Hopper tensor cores)
+        self.fp8_weight_grad: bool = False
         self.register_buffer("sddmm_plan", None, persistent=False)
         # the k original weight entries while merged in place (see merge_), else None
         self.register_buffer("merge_saved", None, persistent=False)
@@ -371,7 +377,8 @@ class SparseDeltaLinear(nn.Linear):
         return ops.sparse_delta_linear(
             input, self.compute_weight, self.indices, self.values, self.bias,
             candidates=self.candidates, candidate_values=self.candidate_values, plan=self.sddmm_plan,
-            probe=None if probe is None else functools.partial(probe, self), validate=False)
+            probe=None if probe is None else functools.partial(probe, self), validate=False,
+            fp8_weight_grad=self.fp8_weight_grad)
 
     def extra_repr(self) -> str:
         base = {"bnb": "nf4(bnb)", "nf4": "nf4"}.get(self._base_kind) or str(self.weight.dtype).replace("torch.", "")
@@ -392,12 +399,27 @@ class SparseDeltaLinear(nn.Linear):
 
     # ---- index updates (the layer contract) ------------------------------------------------------------
     def _rebuild_plan(self) -> None:
+        """Rebuild ``sddmm_plan`` for ``indices`` (plus ``candidates`` while set). The index sets are trusted
+        here (validated, or guaranteed by the caller, where they were set), so the op is called without the
+        public wrapper's value checks (their host syncs); the plan build itself reads back a few counts."""
         idx = self.indices if self.candidates is None else torch.cat([self.indices, self.candidates])
-        self.sddmm_plan = ops.sddmm_plan(idx, self.out_features, self.in_features)
+        plan = torch.ops.spiel.sddmm_plan(idx.contiguous(), self.out_features, self.in_features)
+        info = plan_code(plan, idx.numel(), self.out_features, self.in_features)  # from its length: no sync
+        if info["triton"] == info["cuda"] == "dense_blas" and info["level_r"] == info["level_c"] == 0:
+            # both GPU backends would run the vendor GEMM over row bands, which needs no plan (sddmm without
+            # one runs exactly that): keep none instead of ~3 int32 per delta (perm, sperm, cperm)
+            plan = None
+        self.sddmm_plan = plan
 
-    def _normalise_indices(self, indices: torch.Tensor, what: str) -> torch.Tensor:
+    def _normalise_indices(self, indices: torch.Tensor, what: str, validate: bool = True) -> torch.Tensor:
         numel = self.in_features * self.out_features
-        check_index_values(indices, numel, what=what)
+        if validate:
+            check_index_values(indices, numel, what=what)
+        elif not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.is_floating_point() \
+                or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"{what} must be a 1-D integer tensor, got "
+                            f"{getattr(indices, 'dtype', type(indices).__name__)} of shape "
+                            f"{tuple(getattr(indices, 'shape', ()))}")
         return indices.detach().to(device=self.indices.device, dtype=index_dtype_for(numel)).contiguous()
 
     def _overlap(self, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -408,7 +430,8 @@ class SparseDeltaLinear(nn.Linear):
         return bool((a[pos] == b).any())
 
     @torch.no_grad()
-    def set_indices(self, indices: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+    def set_indices(self, indices: torch.Tensor, values: Optional[torch.Tensor] = None, *,
+                    validate: bool = True) -> None:
         """Replace the active indices (and values) in place; rebuild ``sddmm_plan``.
 
         ``indices`` is validated once here (1-D integer, sorted, unique, in range: a host sync) and stored as
@@ -416,10 +439,24 @@ class SparseDeltaLinear(nn.Linear):
         current value at positions that stay active, 0 at new ones. ``values`` keeps its Parameter identity
         (``.data`` replaced) and its ``.grad`` is reset to None. Fails while merged, and when candidates are
         set that the new indices overlap (call :meth:`clear_candidates` first).
+
+        ``validate=False`` is the trusted path for callers that guarantee the indices are sorted, unique, in
+        range and disjoint from the candidates (e.g. SpielScheduler): it skips those value checks and their host
+        syncs (shapes and dtypes are still checked).
         """
         if self.merged:
             raise RuntimeError("set_indices on a merged SparseDeltaLinear: unmerge it first")
-        idx = self._normalise_indices(indices, "indices")
+        if not validate and values is not None and isinstance(indices, torch.Tensor) and indices.dim() == 1 \
+                and indices.shape == self.indices.shape and not indices.is_floating_point() \
+                and indices.dtype != torch.bool and isinstance(values, torch.Tensor) and values.is_floating_point() \
+                and values.shape == indices.shape:
+            # trusted, same k: copy straight into the buffers (the casts happen inside copy_)
+            self.indices.copy_(indices.detach())
+            self.values.data.copy_(values.detach())
+            self.values.grad = None
+            self._rebuild_plan()
+            return
+        idx = self._normalise_indices(indices, "indices", validate)
         k = idx.numel()
         old_vals = self.values.data
         if values is None:
@@ -437,7 +474,7 @@ class SparseDeltaLinear(nn.Linear):
                                  f"got shape {tuple(values.shape)}")
             new_vals = torch.empty(k, dtype=old_vals.dtype, device=old_vals.device)
             new_vals.copy_(values.detach())
-        if self.candidates is not None and self._overlap(idx, self.candidates):
+        if validate and self.candidates is not None and self._overlap(idx, self.candidates):
             raise ValueError("the new indices overlap the current candidates: call clear_candidates() first")
         if idx.shape == self.indices.shape:
             self.indices.copy_(idx)  # same tensor: no recompilation under torch.compile
@@ -449,25 +486,32 @@ class SparseDeltaLinear(nn.Linear):
         self._rebuild_plan()
 
     @torch.no_grad()
-    def set_candidates(self, candidates: torch.Tensor) -> None:
+    def set_candidates(self, candidates: torch.Tensor, *, validate: bool = True) -> None:
         """Start accumulating the delta gradient at ``candidates`` (sorted, unique, disjoint from ``indices``).
 
         Creates ``candidate_values``: an fp32 [c] zero leaf requiring grad (not a Parameter) whose ``.grad``
         receives the gradient at the candidates on every backward until :meth:`clear_candidates`.
+        ``validate=False``: the caller guarantees sorted, unique, in range and disjoint from ``indices``; the
+        value checks and their host syncs are skipped.
         """
-        cand = self._normalise_indices(candidates, "candidates")
-        if self._overlap(self.indices, cand):
+        cand = self._normalise_indices(candidates, "candidates", validate)
+        if validate and self._overlap(self.indices, cand):
             raise ValueError("candidates must be disjoint from the active indices")
         self.candidates = cand
         self.candidate_values = torch.zeros(cand.numel(), dtype=torch.float32, device=cand.device, requires_grad=True)
         self._rebuild_plan()
 
     @torch.no_grad()
-    def clear_candidates(self) -> None:
-        """Drop the candidates (and ``candidate_values`` with its gradient); rebuild ``sddmm_plan``."""
+    def clear_candidates(self, *, rebuild_plan: bool = True) -> None:
+        """Drop the candidates (and ``candidate_values`` with its gradient); rebuild ``sddmm_plan``.
+
+        ``rebuild_plan=False`` leaves the plan stale: only for a caller that calls :meth:`set_indices` right
+        after (which rebuilds it), saving one plan build.
+        """
         self.candidates = None
         self.candidate_values = None
-        self._rebuild_plan()
+        if rebuild_plan:
+            self._rebuild_plan()
 
     # ---- dense views (tests, export) ---------------------------------------------------------------------
     @torch.no_grad()

@@ -11,7 +11,9 @@ Typical loop::
         sched.step()          # index update every reselection_steps (default 20)
         opt.zero_grad()
 """
-from ._select import merge_top, top_gradient_entries, union_top
+from ._outer import batched_topk_outer
+from ._select import merge_top, segmented_topk_abs, top_gradient_entries, union_top
 from .spiel_scheduler import SpielScheduler, drop_fraction_at
 
-__all__ = ["SpielScheduler", "drop_fraction_at", "top_gradient_entries", "merge_top", "union_top"]
+__all__ = ["SpielScheduler", "drop_fraction_at", "top_gradient_entries", "segmented_topk_abs", "batched_topk_outer",
+           "merge_top", "union_top"]

@@ -4,20 +4,89 @@ without host syncs.
 - :func:`top_gradient_entries`: SpIEL-AG candidate selection. The top-c ``|grad_output^T @ input|`` positions
   outside the active indices, computed in row blocks of the dense gradient with a running top-c: memory
   O(c + block), never out x in.
+- :func:`segmented_topk_abs`: the top-n_i ``|score|`` positions of many 1-D tensors at once (one sort).
 - :func:`merge_top`: merge two (position, score) sets into the best c.
 - :func:`union_top`: rank-consistent union of per-rank candidate sets (distributed AG).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["top_gradient_entries", "merge_top", "union_top"]
+__all__ = ["top_gradient_entries", "segmented_topk_abs", "top_abs_rows", "merge_top", "union_top",
+           "true_positions", "device_tensor"]
 
-_LOW32 = (1 << 32) - 1
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_CHUNK = 16  # the probe's per-block top-k first ranks groups of this many entries by their maximum
 
 
+# ------------------------------------------------------------------------------------------------ small tools
+@functools.lru_cache(maxsize=None)
+def _has_nonzero_static(device_type: str) -> bool:
+    """Feature test (memoised per device type): ``torch.nonzero_static`` runs on this device type."""
+    try:
+        probe = torch.ones(2, dtype=torch.bool, device=device_type)
+        return torch.nonzero_static(probe, size=1).shape == (1, 1)
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+        return False
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending int64 positions of the ``True`` entries of a 1-D bool ``mask`` that holds exactly ``count`` of
+    them (the caller guarantees it). No host sync: the output size is ``count``."""
+    if mask.dim() != 1 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a 1-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64, device=mask.device)
+    if _has_nonzero_static(mask.device.type):
+        return torch.nonzero_static(mask, size=count).view(-1)
+    # a stable sort on one byte puts the True entries first, in their original (ascending) order
+    return torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:count]
+
+
+def true_positions_padded(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """The first ``size`` ascending positions of ``True`` in a 1-D bool ``mask``, padded with -1 when it has
+    fewer. No host sync."""
+    if _has_nonzero_static(mask.device.type):
+        return torch.nonzero_static(mask, size=size, fill_value=-1).view(-1)
+    order = torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices  # True entries first
+    if order.numel() < size:
+        order = torch.cat([order, order.new_full((size - order.numel(),), -1)])
+    order = order[:size]
+    return torch.where(torch.arange(size, device=mask.device) < mask.sum(), order, -1)
+
+
+def device_tensor(values: Sequence[int], device: torch.device, dtype=torch.int64) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without a blocking copy (pinned + non_blocking on CUDA)."""
+    t = torch.tensor(list(values), dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_out_fp32_supported(device: str, dtype: torch.dtype) -> bool:
+    """Feature test (memoised per device and dtype): ``torch.mm(a, b, out_dtype=torch.float32, out=...)`` on
+    ``dtype`` inputs (the low-precision GEMM with an fp32 result, torch >= 2.8 on CUDA)."""
+    try:
+        a = torch.zeros(2, 2, dtype=dtype, device=device)
+        out = torch.empty(2, 2, dtype=torch.float32, device=device)
+        torch.mm(a, a, out_dtype=torch.float32, out=out)  # the form the probe uses
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _uses_low_precision_gemm(grad_output: torch.Tensor, input: torch.Tensor) -> bool:
+    """Whether the probe's gradient blocks come from the bf16/fp16 GEMM with fp32 output (CUDA, same dtypes,
+    torch has ``mm(..., out_dtype=)``); otherwise the inputs are upcast to fp32 (always on CPU)."""
+    return (grad_output.is_cuda and grad_output.dtype in _LOW_PRECISION and input.dtype == grad_output.dtype
+            and _mm_out_fp32_supported(str(grad_output.device), grad_output.dtype))
+
+
+# ------------------------------------------------------------------------------------------------ merging
 def merge_top(pos: torch.Tensor, score: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` entries of largest ``score`` among ``pos`` (int64, ASCENDING, unique), ties by smaller
     position; returned sorted by position."""
@@ -29,63 +98,176 @@ def merge_top(pos: torch.Tensor, score: torch.Tensor, k: int) -> Tuple[torch.Ten
 
 
 def _block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Local positions of the k largest of ``scores`` (fp32, >= 0 or exactly -1 for excluded), ties by smaller
-    position, as a sorted int64 tensor. One ``topk`` over unique int64 keys (score bits, then position), so the
-    result does not depend on how ``topk`` breaks ties."""
+    """Ascending local positions (int64 [k]) of the k largest of ``scores`` (fp32 without NaN), ties by the
+    smaller position, whatever order ``torch.topk`` breaks ties in: the entries above the k-th value are all in
+    topk's answer; of those equal to it, the first ``k - above`` by position are taken (one compare pass). For
+    k much smaller than the block, topk first picks chunks by their maximum."""
     n = scores.numel()
-    bits = scores.view(torch.int32).to(torch.int64)  # monotone in the score for scores >= 0 (and -1 lowest)
-    key = (bits << 32) | (_LOW32 - torch.arange(n, device=scores.device, dtype=torch.int64))
-    top = torch.topk(key, k, sorted=False).indices
-    return torch.sort(top).values
+    device = scores.device
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if k >= n:
+        return torch.arange(n, device=device)
+    if n % _CHUNK == 0 and 4 * _CHUNK * k <= n:
+        # chunk j = entries {j + i * n / CHUNK}: the k chunks of largest maximum hold every entry above the k-th
+        # largest chunk maximum t and at least k entries >= t, so their k largest have the block's k-th value
+        stride = n // _CHUNK
+        chunks = torch.topk(scores.view(_CHUNK, stride).amax(0), k, sorted=False).indices
+        cand_pos = (chunks[:, None] + torch.arange(0, n, stride, device=device)).view(-1)
+        top_values, at = torch.topk(scores.index_select(0, cand_pos), k, sorted=False)
+        top_pos = cand_pos.index_select(0, at)
+    else:
+        top_values, top_pos = torch.topk(scores, k, sorted=False)
+    kth = top_values.min()
+    above = top_values > kth                                          # all entries above kth; count a < k
+    ties = true_positions_padded(scores == kth, k)                    # first min(#ties, k) tied positions
+    take_ties = torch.arange(k, device=device) < (k - above.sum())    # the first k - a of them
+    chosen = torch.cat([torch.where(above, top_pos, n), torch.where(take_ties, ties, n)])  # k valid, n = unused
+    return torch.sort(chosen).values[:k]
 
 
 @torch.no_grad()
 def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude: Optional[torch.Tensor], k: int,
-                         block_elements: int = 1 << 20) -> Tuple[torch.Tensor, torch.Tensor]:
+                         block_elements: int = 1 << 24) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` positions of ``|grad_output^T @ input|`` (the dense weight gradient, fp32) that are not in
     ``exclude``.
 
     Args:
-        grad_output: [T, out]; input: [T, in] (any float dtype; blocks are computed in fp32).
+        grad_output: [T, out]; input: [T, in] (any float dtype; on CUDA, bf16/fp16 blocks come from the
+            low-precision GEMM with fp32 output when torch has it, else the inputs are upcast; CPU: fp32).
         exclude: sorted unique int32/int64 flat positions never returned (the active indices), or None.
         k: how many to return; at most ``out * in - len(exclude)``.
         block_elements: the gradient is formed ``max(1, block_elements // in)`` rows at a time.
-    Returns ``(positions int64 [k] ascending, |grad| fp32 [k])``. Memory O(k + len(exclude) + block); no host
-    sync. NaN gradients count as 0.
+    Returns ``(positions int64 [k] ascending, |grad| fp32 [k])``, ties by the smaller position. Memory
+    O(k + len(exclude) + block); no host sync. NaN gradients count as 0 (and +-inf as the largest float).
     """
+    if grad_output.dim() != 2 or input.dim() != 2 or grad_output.shape[0] != input.shape[0]:
+        raise ValueError(f"grad_output [T, out] and input [T, in] must be 2-D with the same T, got "
+                         f"{tuple(grad_output.shape)} and {tuple(input.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise TypeError(f"k must be a non-negative int, got {k!r}")
     out_f, in_f = grad_output.shape[1], input.shape[1]
+    n_excl = 0 if exclude is None else exclude.numel()
+    if k > out_f * in_f - n_excl:
+        raise ValueError(f"k={k} is more than the {out_f * in_f - n_excl} positions outside exclude")
     device = grad_output.device
-    rows_per_block = max(1, int(block_elements) // max(in_f, 1))
-    if rows_per_block * in_f >= (1 << 32):
-        raise ValueError("a gradient block must have fewer than 2**32 elements: lower block_elements")
-    x32 = input if input.dtype == torch.float32 else input.float()
-    excl = None if exclude is None or exclude.numel() == 0 else exclude.to(torch.int64)
-    best_pos = torch.empty(0, dtype=torch.int64, device=device)
-    best_score = torch.empty(0, dtype=torch.float32, device=device)
+    rows_per_block = min(out_f, max(1, int(block_elements) // max(in_f, 1)))
+    block_n = rows_per_block * in_f
+    if block_n >= (1 << 31):
+        raise ValueError("a gradient block must have fewer than 2**31 elements: lower block_elements")
     if k == 0:
-        return best_pos, best_score
-    for r0 in range(0, out_f, rows_per_block):
+        return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device))
+    low_precision = _uses_low_precision_gemm(grad_output, input)
+    x = input if low_precision or input.dtype == torch.float32 else input.float()  # upcast once, not per block
+    # one buffer for every block, plus a scratch tail: exclude entry j marks its block's slot in its own block
+    # and scratch slot block_n + j in the others (distinct slots: one index_fill_, deterministic)
+    buf = torch.empty(block_n + n_excl, dtype=torch.float32, device=device)
+    if n_excl:
+        excl = exclude.to(torch.int64)
+        excl_block = torch.div(excl, block_n, rounding_mode="floor")
+        excl_slot = excl - excl_block * block_n
+        scratch = torch.arange(block_n, block_n + n_excl, device=device)
+    tops_pos, tops_score, pending = [], [], 0
+    for b, r0 in enumerate(range(0, out_f, rows_per_block)):
         r1 = min(out_f, r0 + rows_per_block)
+        n = (r1 - r0) * in_f
+        block = buf[:n]
         go = grad_output[:, r0:r1]
-        go = go if go.dtype == torch.float32 else go.float()
-        block = torch.mm(go.t(), x32).abs_().view(-1)
+        if low_precision:
+            torch.mm(go.t(), x, out_dtype=torch.float32, out=block.view(r1 - r0, in_f))
+        else:
+            torch.mm((go if go.dtype == torch.float32 else go.float()).t(), x, out=block.view(r1 - r0, in_f))
+        block.abs_()
         torch.nan_to_num_(block, nan=0.0)
-        n = block.numel()
-        base = r0 * in_f
-        if excl is not None:
-            local = excl - base
-            inside = (local >= 0) & (local < n)
-            # out-of-block positions go to a sentinel slot n (dropped right after)
-            block = torch.cat([block, block.new_zeros(1)])
-            block.index_fill_(0, torch.where(inside, local, torch.full_like(local, n)), -1.0)
-            block = block[:n]
+        if n_excl:
+            buf.index_fill_(0, torch.where(excl_block == b, excl_slot, scratch), float("-inf"))
         local_top = _block_top(block, min(k, n))
-        pos = torch.cat([best_pos, local_top + base])
-        score = torch.cat([best_score, block.index_select(0, local_top)])
-        best_pos, best_score = merge_top(pos, score, k)
-    return best_pos, best_score
+        tops_pos.append(local_top + r0 * in_f)
+        tops_score.append(block.index_select(0, local_top))
+        pending += local_top.numel()
+        if pending > 4 * k and len(tops_pos) > 1:  # bound the kept candidates: O(k) memory
+            merged = merge_top(torch.cat(tops_pos), torch.cat(tops_score), k)
+            tops_pos, tops_score, pending = [merged[0]], [merged[1]], merged[0].numel()
+    if len(tops_pos) == 1:
+        return tops_pos[0], tops_score[0]
+    return merge_top(torch.cat(tops_pos), torch.cat(tops_score), k)
 
 
+# ------------------------------------------------------------------------------------------------ segmented top-k
+def _rank_rows(magnitudes: torch.Tensor) -> torch.Tensor:
+    """[L, W] -> per row, the positions by magnitude descending, ties by the smaller position."""
+    return torch.sort(magnitudes, dim=1, descending=True, stable=True).indices
+
+
+def _chosen_ascending(order: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Flat ascending positions ``l * W + p`` of the first ``counts[l]`` entries of each row of ``order``."""
+    L, width = order.shape
+    device = order.device
+    if len(set(counts)) == 1:
+        by_rank = torch.zeros(L, width, dtype=torch.bool, device=device)
+        by_rank[:, :counts[0]] = True
+    else:
+        by_rank = torch.arange(width, device=device)[None, :] < device_tensor(counts, device)[:, None]
+    chosen = torch.zeros(L, width, dtype=torch.bool, device=device).scatter_(1, order, by_rank)
+    return true_positions(chosen.view(-1), sum(counts))
+
+
+def top_abs_rows(values: torch.Tensor, count: int, *, ascending: bool = False) -> torch.Tensor:
+    """Per row of ``values`` [L, W]: the positions (int64 [L, count]) of the ``count`` largest ``|value|``
+    (compared in fp32, NaN largest), ties by the smaller position; by rank, or ascending. No host sync."""
+    L, width = values.shape
+    if not 0 <= count <= width:
+        raise ValueError(f"count must be in [0, {width}], got {count}")
+    magnitudes = values.float().abs() if values.dtype != torch.float32 else values.abs()
+    order = _rank_rows(magnitudes)
+    if not ascending:
+        return order[:, :count]
+    flat = _chosen_ascending(order, [count] * L)
+    return flat.view(L, count) - (torch.arange(L, device=values.device) * width)[:, None]
+
+
+def segmented_topk_abs(scores: Sequence[torch.Tensor], counts: Sequence[int], *,
+                       ascending: bool = False) -> List[torch.Tensor]:
+    """For every 1-D tensor ``scores[i]``, the positions (int64) of its ``counts[i]`` largest ``|score|``, ties
+    by the smaller position: ``topk_abs(scores[i], counts[i])`` for all i with one sort (no host sync).
+
+    Args:
+        scores: 1-D float tensors on one device (any float dtype; compared in fp32 like ``topk_abs``; NaN counts
+            as the largest).
+        counts: host ints, ``0 <= counts[i] <= len(scores[i])``.
+        ascending: return each segment's positions in ascending order instead of by rank.
+    Returns a list of int64 tensors (views of one buffer). Memory O(L * max len).
+    """
+    if len(scores) != len(counts):
+        raise ValueError(f"scores and counts must have the same length, got {len(scores)} and {len(counts)}")
+    if not scores:
+        return []
+    device = scores[0].device
+    for i, (s, c) in enumerate(zip(scores, counts)):
+        if not isinstance(s, torch.Tensor) or not s.is_floating_point() or s.dim() != 1:
+            raise TypeError(f"scores[{i}] must be a 1-D floating-point tensor")
+        if s.device != device:
+            raise ValueError(f"scores must be on one device, got {device} and {s.device}")
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= s.numel():
+            raise ValueError(f"counts[{i}] must be an int in [0, {s.numel()}], got {c!r}")
+    L = len(scores)
+    if len({s.numel() for s in scores}) == 1:
+        magnitudes = torch.stack([s.detach() for s in scores]).float().abs_()
+    else:  # ragged: pad with -1, below every magnitude
+        magnitudes = torch.nn.utils.rnn.pad_sequence([s.detach().float().abs() for s in scores],
+                                                     batch_first=True, padding_value=-1.0)
+    width = magnitudes.shape[1]
+    order = _rank_rows(magnitudes)
+    if not ascending:
+        return [order[i, :c] for i, c in enumerate(counts)]
+    flat = _chosen_ascending(order, counts)
+    total = sum(counts)
+    local = flat - torch.repeat_interleave(torch.arange(L, device=device) * width,
+                                           device_tensor(counts, device), output_size=total)
+    return list(local.split(list(counts)))
+
+
+# ------------------------------------------------------------------------------------------------ distributed
 @torch.no_grad()
 def union_top(positions: torch.Tensor, scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     """Rank-consistent candidate set from every rank's candidates.

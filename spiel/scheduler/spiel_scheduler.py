@@ -19,6 +19,11 @@ with ``t`` the number of optimizer steps done; ``step()`` is called once after e
 Drop: the ``n = floor(drop_fraction(U) * k)`` active entries of smallest ``|value|`` leave (ties: the larger
 position leaves); ``n`` new positions enter with value 0 and fresh optimizer state; indices stay sorted; k is
 constant. ``drop_fraction(U)`` decays from ``drop_fraction`` to 0 over ``total_steps`` (linear or cosine).
+
+The update is batched: layers of one device with the same k and n (MA: and shape) are selected, merged and
+gathered together with a constant number of launches and no host sync per layer (MA reads one small tensor per
+batch); each layer then gets its indices through the trusted ``set_indices(..., validate=False)``, which
+rebuilds its sddmm plan.
 """
 from __future__ import annotations
 
@@ -29,10 +34,12 @@ from typing import Dict, Optional
 
 import torch
 
-from ..ops import topk_abs, topk_outer
+from ..nn.linear import SparseDeltaLinear
 from ..optim.adamw import layer_shape, sparse_layers
 from . import _dist
-from ._select import top_gradient_entries, union_top
+from ._outer import batched_topk_outer
+from ._replace import batches, drop_and_regrow, set_candidates_trusted
+from ._select import top_abs_rows, top_gradient_entries, union_top
 
 __all__ = ["SpielScheduler", "drop_fraction_at"]
 
@@ -122,7 +129,7 @@ class SpielScheduler:
             decaying per ``schedule`` ("linear" default, "cosine", or "constant").
         candidates_per_slot: AG: candidates per regrown index (default 1).
         block_elements: AG: dense-gradient elements formed at once by the candidate probe (rows of
-            ``block_elements // in_features``; default 2**20).
+            ``block_elements // in_features``; default 2**24, 64 MiB of fp32).
         grad_scaler: a ``torch.amp.GradScaler`` when training with fp16 loss scaling: candidate gradients are
             divided by the scale used in their backward, and a step whose candidate gradients are not finite is
             skipped. (Without it candidate gradients are summed as they are: fine for any constant scale, since
@@ -138,7 +145,7 @@ class SpielScheduler:
 
     def __init__(self, model, optimizer, mode: str = "ag", total_steps: Optional[int] = None, *,
                  reselection_steps: int = 20, accumulation_steps: int = 5, drop_fraction: float = 0.2,
-                 schedule: str = "linear", candidates_per_slot: int = 1, block_elements: int = 1 << 20,
+                 schedule: str = "linear", candidates_per_slot: int = 1, block_elements: int = 1 << 24,
                  grad_scaler=None, process_group=None, check_consistency: bool = False):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -313,7 +320,8 @@ class SpielScheduler:
             if name not in chosen or chosen[name].numel() == 0:
                 continue
             layer = self._by_name[name]
-            layer.set_candidates(chosen[name].to(layer.indices.device))
+            # probe/union results are sorted, unique, in range and outside the active indices
+            set_candidates_trusted(layer, chosen[name].to(layer.indices.device))
             win_names.append(name)
             accs.append(torch.zeros(chosen[name].numel(), dtype=torch.float32, device=layer.indices.device))
         self._window = {"update": update, "names": win_names, "accs": accs} if win_names else None
@@ -340,19 +348,26 @@ class SpielScheduler:
             torch._foreach_add_(accs, list(flat.split([a.numel() for a in accs])))
             torch._foreach_zero_(grads)
 
-    def _clear_window(self) -> None:
+    def _clear_window(self, keep_plan_of=()) -> None:
+        """Clear the installed candidates; layers named in ``keep_plan_of`` get ``set_indices`` right after, so
+        their sddmm plan is not rebuilt here."""
         if self._window is not None:
             for name in self._window["names"]:
                 layer = self._by_name[name]
                 if getattr(layer, "candidates", None) is not None:
-                    layer.clear_candidates()
+                    if name in keep_plan_of and isinstance(layer, SparseDeltaLinear):
+                        layer.clear_candidates(rebuild_plan=False)
+                    else:
+                        layer.clear_candidates()
         self._window = None
 
     # ---------------------------------------------------------------------------------------- update
     @torch.no_grad()
     def _update(self, t: int) -> None:
+        """Drop + regrow in every layer, batched: layers of one device (and, for MA, one shape) with the same k
+        and n are handled by a fixed number of launches, with no host sync per layer."""
         self.last_update = {}
-        plans = []  # (name, layer, regrow positions)
+        todo = []  # (name, layer, regrown positions: [n] int64 ascending)
         if self.mode == "ag":
             win = self._window
             if win is None or win["update"] != t:
@@ -362,50 +377,53 @@ class SpielScheduler:
             if _dist.world(self.process_group)[0] > 1 and accs:
                 flat = _dist.sum_consensus(torch.cat(accs), self.process_group)
                 accs = list(flat.split([a.numel() for a in accs]))
+            items = []  # (name, layer, candidates, accumulated gradient, n)
             for name, acc in zip(win["names"], accs):
                 layer = self._by_name[name]
                 if getattr(layer, "candidates", None) is None or layer.candidates.numel() != acc.numel():
                     continue  # candidates cleared behind our back (e.g. a model state_dict load): skip
-                cands = layer.candidates.long()
-                n = min(self.num_regrow(layer, t), cands.numel())
+                n = min(self.num_regrow(layer, t), acc.numel())
                 if n > 0:
-                    plans.append((name, layer, cands.index_select(0, topk_abs(acc, n))))
-            self._clear_window()
+                    items.append((name, layer, layer.candidates, acc, n))
+            for batch in batches(items, key=lambda it: (it[1].indices.device, it[3].numel(), it[4]),
+                                 size=lambda it: it[3].numel()):
+                n = batch[0][4]
+                slots = top_abs_rows(torch.stack([it[3] for it in batch]), n, ascending=True)   # [L, n]
+                cands = torch.stack([it[2] for it in batch]).to(torch.int64)                   # ascending
+                regrown = cands.gather(1, slots.to(cands.device))
+                todo.extend((it[0], it[1], regrown[i]) for i, it in enumerate(batch))
+            self._clear_window(keep_plan_of={name for name, _, _ in todo})
         else:
-            todo = [(name, layer, self.num_regrow(layer, t)) for name, layer in self.layers]
-            todo = [item for item in todo if item[2] > 0]
-            stats = [self.optimizer.accumulators(layer) for _, layer, _ in todo]
-            if _dist.world(self.process_group)[0] > 1 and todo:
+            wanted = [(name, layer, self.num_regrow(layer, t)) for name, layer in self.layers]
+            wanted = [item for item in wanted if item[2] > 0]
+            stats = [self.optimizer.accumulators(layer) for _, layer, _ in wanted]
+            if _dist.world(self.process_group)[0] > 1 and wanted:
                 sizes = [s.numel() for rc in stats for s in rc]
                 flat = _dist.max_consensus(torch.cat([s.float() for rc in stats for s in rc]), self.process_group)
                 parts = list(flat.split(sizes))
-                stats = [(parts[2 * i], parts[2 * i + 1]) for i in range(len(todo))]
-            for (name, layer, n), (row, col) in zip(todo, stats):
-                plans.append((name, layer, topk_outer(row.float(), col.float(), n, exclude=layer.indices)))
-        for name, layer, regrow in plans:
-            self._apply(layer, regrow)
-            self.last_update[name] = regrow.numel()
+                stats = [(parts[2 * i], parts[2 * i + 1]) for i in range(len(wanted))]
+            items = [(name, layer, n, row, col) for (name, layer, n), (row, col) in zip(wanted, stats)]
+            for batch in batches(items, key=lambda it: (it[3].device, layer_shape(it[1]), it[1].indices.numel(),
+                                                        it[2]),
+                                 size=lambda it: it[1].indices.numel()):
+                picked = batched_topk_outer([it[3].float() for it in batch], [it[4].float() for it in batch],
+                                            [it[2] for it in batch], [it[1].indices for it in batch],
+                                            ordered=False)
+                regrown = torch.sort(torch.stack(picked), dim=1).values
+                todo.extend((it[0], it[1], regrown[i]) for i, it in enumerate(batch))
+        self._apply(todo)
         if self.check_consistency and _dist.world(self.process_group)[0] > 1:
             self._verify()
 
-    def _apply(self, layer, regrow: torch.Tensor) -> None:
-        """Drop ``len(regrow)`` smallest-|value| entries, insert ``regrow`` (value 0), keep indices sorted, and
-        permute the optimizer's per-slot state."""
-        values = layer.values.detach()
-        old = layer.indices
-        k, n = values.numel(), regrow.numel()
-        keep = torch.sort(topk_abs(values, k - n)).values
-        merged = torch.cat([old.index_select(0, keep).long(), regrow.to(device=old.device, dtype=torch.int64)])
-        new_idx, perm = torch.sort(merged)
-        src = torch.cat([keep, torch.full((n,), -1, dtype=torch.int64, device=old.device)]).index_select(0, perm)
-        regrown = src < 0
-        new_values = values.index_select(0, src.clamp(min=0)).masked_fill_(regrown, 0)
-        layer.set_indices(new_idx.to(old.dtype), new_values)
-        reindex = getattr(self.optimizer, "reindex", None)
-        if callable(reindex):
-            reindex(layer, src, regrown)
-        else:
-            _generic_reindex(self.optimizer, layer.values, src, regrown)
+    def _apply(self, todo) -> None:
+        """Drop ``len(regrown)`` smallest-|value| entries per layer, insert ``regrown`` (value 0), keep indices
+        sorted, and permute the optimizer's per-slot state; batched by (device, k, n)."""
+        for batch in batches(todo, key=lambda it: (it[1].values.device, it[1].values.numel(), it[2].numel()),
+                             size=lambda it: it[1].values.numel()):
+            regrown = torch.stack([it[2].to(it[1].values.device) for it in batch])
+            drop_and_regrow([it[1] for it in batch], regrown, self.optimizer, _generic_reindex)
+            for name, _, picked in batch:
+                self.last_update[name] = picked.numel()
 
     def _verify(self) -> None:
         sums = []

@@ -1,0 +1,110 @@
+"""The drop + regrow of an index update, for a batch of layers at once (no host sync of its own).
+
+Layers are batched when they share a device, k and the number n of indices replaced; for each batch the drop (keep
+the ``k - n`` largest ``|value|``, ties: the larger position leaves), the merge of kept and regrown positions and
+the gathering of the new values are a fixed number of launches on ``[L, k]`` tensors. Each layer then gets its new
+indices through the trusted ``set_indices(..., validate=False)`` and its optimizer state is permuted.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Dict, Hashable, List, Sequence, Tuple, TypeVar
+
+import torch
+
+from ..nn.linear import SparseDeltaLinear
+from ._select import top_abs_rows
+
+__all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_candidates_trusted"]
+
+#: Most elements (L * k) one batch of the update works on: bounds its temporaries (about 40 bytes per element).
+BATCH_ELEMENTS = 1 << 26
+
+T = TypeVar("T")
+
+
+def batches(items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int],
+            budget: int = BATCH_ELEMENTS) -> List[List[T]]:
+    """``items`` grouped by ``key`` (first-seen order, item order kept inside a group), each group cut into
+    consecutive batches of at most ``budget`` total ``size`` (a larger item forms a batch of its own)."""
+    groups: Dict[Hashable, List[T]] = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    out: List[List[T]] = []
+    for members in groups.values():
+        cur, total = [], 0
+        for item in members:
+            if cur and total + size(item) > budget:
+                out.append(cur)
+                cur, total = [], 0
+            cur.append(item)
+            total += size(item)
+        out.append(cur)
+    return out
+
+
+def set_indices_trusted(layer, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """``layer.set_indices`` without the value checks (indices sorted, unique, in range, no candidates set)."""
+    if isinstance(layer, SparseDeltaLinear):
+        layer.set_indices(indices, values, validate=False)
+    else:  # a layer-contract look-alike: its own set_indices
+        layer.set_indices(indices, values)
+
+
+def set_candidates_trusted(layer, candidates: torch.Tensor) -> None:
+    """``layer.set_candidates`` without the value checks (sorted, unique, in range, disjoint from indices)."""
+    if isinstance(layer, SparseDeltaLinear):
+        layer.set_candidates(candidates, validate=False)
+    else:
+        layer.set_candidates(candidates)
+
+
+def _merge_sorted(kept: torch.Tensor, regrown: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise merge of ascending ``kept`` [L, a] and ascending ``regrown`` [L, b] (disjoint per row).
+
+    Returns (slot of each kept entry in the merged row [L, a], slot of each regrown entry [L, b], merged [L, a+b]):
+    an element's merged slot is its own rank plus the number of the other row's elements below it."""
+    L, a = kept.shape
+    b = regrown.shape[1]
+    device = kept.device
+    if a == 0:
+        return kept, torch.arange(b, device=device).expand(L, b), regrown
+    slot_kept = torch.arange(a, device=device) + torch.searchsorted(regrown, kept)
+    slot_regrown = torch.arange(b, device=device) + torch.searchsorted(kept, regrown)
+    merged = torch.empty(L, a + b, dtype=torch.int64, device=device)
+    merged.scatter_(1, slot_kept, kept).scatter_(1, slot_regrown, regrown)
+    return slot_kept, slot_regrown, merged
+
+
+@torch.no_grad()
+def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_fallback) -> None:
+    """Replace, in every layer of the batch, its ``n`` smallest-``|value|`` entries (ties: the larger position
+    leaves) by the positions ``regrown[i]`` (value 0, fresh optimizer state); indices stay sorted, k constant.
+
+    Args:
+        layers: layers of one device with the same k.
+        regrown: int64 [L, n] ascending per row, disjoint from each layer's indices (0 < n <= k).
+        optimizer: its ``reindex(layer, order, regrown)`` is called per layer when it has one, else
+            ``reindex_fallback(optimizer, values, order, regrown)``.
+    """
+    L, n = regrown.shape
+    k = layers[0].values.numel()
+    if any(layer.values.numel() != k for layer in layers) or not 0 < n <= k:
+        raise ValueError("drop_and_regrow: the layers of a batch must share k, with 0 < n <= k")
+    device = regrown.device
+    values = torch.stack([layer.values.detach() for layer in layers])             # [L, k]
+    old = torch.stack([layer.indices for layer in layers]).to(torch.int64)        # [L, k]
+    kept_slots = top_abs_rows(values, k - n, ascending=True)                       # [L, k - n]
+    kept = old.gather(1, kept_slots)
+    slot_kept, slot_regrown, new_indices = _merge_sorted(kept, regrown)
+    src = torch.empty(L, k, dtype=torch.int64, device=device)
+    src.scatter_(1, slot_kept, kept_slots).scatter_(1, slot_regrown, -1)
+    is_regrown = src < 0
+    new_values = values.gather(1, src.clamp(min=0)).masked_fill_(is_regrown, 0)
+    reindex = getattr(optimizer, "reindex", None)
+    for i, layer in enumerate(layers):
+        set_indices_trusted(layer, new_indices[i], new_values[i])
+        if callable(reindex):
+            reindex(layer, src[i], is_regrown[i])
+        else:
+            reindex_fallback(optimizer, layer.values, src[i], is_regrown[i])
