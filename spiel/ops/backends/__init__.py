@@ -32,12 +32,15 @@ def _load_cuda() -> None:
 _load_triton()
 _load_cuda()
 
-# `auto` order on CUDA tensors, from the H100 measurements in benchmarks/NOTES.md (2026-11-23):
-# the Triton merge is 9-10% faster than the CUDA one; the CUDA NF4 kernel is 20-25% faster than Triton's.
+# `auto` order on CUDA tensors, from the H100 kernel measurements in benchmarks/NOTES.md (2026-11-23,
+# session 2, `bench_forward.py --tune`, same run): the Triton merge runs at 96% of copy against the CUDA
+# merge's 80%, the Triton NF4 dequantize+delta at 87% against CUDA's 78%; the CUDA sddmm's sparse kernel is
+# 3-4x faster than Triton's.
 from .._dispatch import AUTO_ORDER  # noqa: E402
 
 AUTO_ORDER.update({
     "merge_delta": ("triton", "cuda", "torch"),
-    "nf4_dequantize_add_delta": ("cuda", "triton", "torch"),
+    "nf4_dequantize_add_delta": ("triton", "cuda", "torch"),
     "sddmm": ("cuda", "triton", "torch"),
+    "sddmm_fp8": ("triton", "torch"),
 })

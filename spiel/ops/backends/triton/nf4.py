@@ -39,15 +39,16 @@ from .merge import (_INT32_SAFE, SEARCH_PROBES, _lower_bound, chunk_range, delta
 #   decode  "table": two 4-byte gathers per packed byte from the 16 fp32 codes; "pairs": one 8-byte gather
 #           from the 256-entry table of (code[high nibble], code[low nibble])
 #   group   packed bytes per thread group: 64 // output bits (one 16-byte store per group) or twice that
-# Source: v1 (8192 / 4096 outputs, 8 warps: 58 / 40 registers on sm_90, table decode, not persistent),
-# measured on an H100 on 2026-11-23 (benchmarks/NOTES.md); `benchmarks/bench_forward.py --tune` sweeps the
-# knobs on bf16 output, double-quantized, blocksize 64, and prints the entries to paste here; the fp32
-# entries keep the bf16 bytes per program and are not measured.
+# Source: `benchmarks/bench_forward.py --tune` on an H100 (2026-11-23, session 2; bf16 output, double quant,
+# blocksize 64, 1%; each variant checked exact): best on both shapes 4096 outputs x 4 warps, 6 persistent
+# programs per SM, table decode: 11008x4096 0.0541 ms = 87% of the same-run copy (v1 knobs 0.066 ms; the
+# CUDA kernel 0.0604 ms = 78%), 4096x4096 0.0243 ms = 93%. "pairs" decode ties; group=8 is slower. fp32
+# entries keep the bf16 bytes per program, not measured.
 DEQUANT_CONFIG = {
-    (2, "small"): dict(block=8192, num_warps=8, persistent=0, evict="", store="", decode="table", group=4),
-    (2, "large"): dict(block=8192, num_warps=8, persistent=0, evict="", store="", decode="table", group=4),
-    (4, "small"): dict(block=4096, num_warps=8, persistent=0, evict="", store="", decode="table", group=2),
-    (4, "large"): dict(block=4096, num_warps=8, persistent=0, evict="", store="", decode="table", group=2),
+    (2, "small"): dict(block=4096, num_warps=4, persistent=6, evict="", store="", decode="table", group=4),
+    (2, "large"): dict(block=4096, num_warps=4, persistent=6, evict="", store="", decode="table", group=4),
+    (4, "small"): dict(block=2048, num_warps=4, persistent=6, evict="", store="", decode="table", group=2),
+    (4, "large"): dict(block=2048, num_warps=4, persistent=6, evict="", store="", decode="table", group=2),
 }
 QUANT_ELEMENTS = 4096  # weight elements per program of the quantize kernel (at least one absmax block)
 _CONFIG_OVERRIDE: dict = {}
