@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.backends.sddmm_plan import plan_code
+from ..ops.backends.sddmm_plan import needs_plan
 from ..quant.nf4 import NF4Weight
 
 __all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit"]
@@ -403,13 +403,13 @@ class SparseDeltaLinear(nn.Linear):
         here (validated, or guaranteed by the caller, where they were set), so the op is called without the
         public wrapper's value checks (their host syncs); the plan build itself reads back a few counts."""
         idx = self.indices if self.candidates is None else torch.cat([self.indices, self.candidates])
-        plan = torch.ops.spiel.sddmm_plan(idx.contiguous(), self.out_features, self.in_features)
-        info = plan_code(plan, idx.numel(), self.out_features, self.in_features)  # from its length: no sync
-        if info["triton"] == info["cuda"] == "dense_blas" and info["level_r"] == info["level_c"] == 0:
+        if not needs_plan(idx, self.out_features, self.in_features):
             # both GPU backends would run the vendor GEMM over row bands, which needs no plan (sddmm without
-            # one runs exactly that): keep none instead of ~3 int32 per delta (perm, sperm, cperm)
-            plan = None
-        self.sddmm_plan = plan
+            # one runs exactly that): keep none instead of ~3 int32 per delta (perm, sperm, cperm), and skip
+            # the build (the bulk of an index update's time at LoRA-like densities)
+            self.sddmm_plan = None
+            return
+        self.sddmm_plan = torch.ops.spiel.sddmm_plan(idx.contiguous(), self.out_features, self.in_features)
 
     def _normalise_indices(self, indices: torch.Tensor, what: str, validate: bool = True) -> torch.Tensor:
         numel = self.in_features * self.out_features

@@ -1,0 +1,38 @@
+"""``needs_plan`` agrees with the full plan build: False exactly when the built plan would choose dense_blas
+for both backends without compaction (then the layer keeps no plan and sddmm runs that strategy)."""
+import pytest
+import torch
+
+from spiel.nn import SparseDeltaLinear
+from spiel.ops.backends import sddmm_plan as P
+
+
+def _indices(out_f, in_f, k, kind, gen):
+    if kind == "random":
+        return torch.randperm(out_f * in_f, generator=gen)[:k].sort().values
+    rows = torch.randperm(out_f, generator=gen)[: max(1, out_f // 10)]
+    cols = torch.randperm(in_f, generator=gen)[: max(1, in_f // 10)]
+    pool = (rows[:, None] * in_f + cols[None, :]).reshape(-1)
+    return pool[torch.randperm(pool.numel(), generator=gen)[: min(k, pool.numel())]].sort().values
+
+
+@pytest.mark.parametrize("out_f,in_f", [(512, 768), (1000, 300), (2048, 512)])
+@pytest.mark.parametrize("density", [0.0005, 0.005, 0.03, 0.2])
+@pytest.mark.parametrize("kind", ["random", "concentrated"])
+def test_needs_plan_matches_full_build(out_f, in_f, density, kind):
+    gen = torch.Generator().manual_seed(out_f + int(density * 1e4))
+    idx = _indices(out_f, in_f, max(1, int(density * out_f * in_f)), kind, gen).to(torch.int32)
+    info = P.plan_code(P.build_plan(idx, out_f, in_f), idx.numel(), out_f, in_f)
+    blas_only = info["triton"] == info["cuda"] == "dense_blas" and info["level_r"] == info["level_c"] == 0
+    assert P.needs_plan(idx, out_f, in_f) == (not blas_only)
+
+
+def test_layer_keeps_no_plan_at_lora_density_and_one_at_low_density():
+    dense = SparseDeltaLinear(1024, 4096, bias=False, num_deltas=64 * (4096 + 1024))  # W [4096, 1024]
+    assert dense.sddmm_plan is None
+    sparse = SparseDeltaLinear(1024, 1024, bias=False, density=0.0005)
+    assert sparse.sddmm_plan is not None
+    x = torch.randn(5, 1024)
+    dense(x).sum().backward()
+    want = (torch.ones(5, 4096).t() @ x).view(-1)[dense.indices.long()]
+    torch.testing.assert_close(dense.values.grad, want)
