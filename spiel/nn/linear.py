@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.backends.sddmm_plan import needs_plan
+from ..ops.backends import sddmm_plan as _plan
 from ..quant.nf4 import NF4Weight
 
 __all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit"]
@@ -403,7 +403,7 @@ class SparseDeltaLinear(nn.Linear):
         here (validated, or guaranteed by the caller, where they were set), so the op is called without the
         public wrapper's value checks (their host syncs); the plan build itself reads back a few counts."""
         idx = self.indices if self.candidates is None else torch.cat([self.indices, self.candidates])
-        if not needs_plan(idx, self.out_features, self.in_features):
+        if not _plan.needs_plan(idx, self.out_features, self.in_features):
             # both GPU backends would run the vendor GEMM over row bands, which needs no plan (sddmm without
             # one runs exactly that): keep none instead of ~3 int32 per delta (perm, sperm, cperm), and skip
             # the build (the bulk of an index update's time at LoRA-like densities)
