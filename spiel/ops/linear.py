@@ -135,8 +135,25 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
         if candidate_values is None or candidate_values.shape != candidates.shape:
             raise ValueError("candidate_values must be given with candidates, of the same length")
         check_indices(candidates, None, out_features * in_features, name="candidates", validate=validate)
-    if torch.is_autocast_enabled(input.device.type) and input.is_floating_point():
-        input = input.to(torch.get_autocast_dtype(input.device.type))
-    with torch.autocast(input.device.type, enabled=False):
-        return _SparseDeltaLinearFn.apply(input, weight, indices, values, bias, candidates, candidate_values,
-                                          plan, probe, bool(fp8_weight_grad))
+    return apply_sparse_delta_linear(input, weight, indices, values, bias, candidates, candidate_values, plan, probe,
+                                     bool(fp8_weight_grad))
+
+
+def apply_sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.Tensor, values: torch.Tensor,
+                              bias: Optional[torch.Tensor] = None, candidates: Optional[torch.Tensor] = None,
+                              candidate_values: Optional[torch.Tensor] = None, plan: Optional[torch.Tensor] = None,
+                              probe=None, fp8_weight_grad: bool = False) -> torch.Tensor:
+    """:func:`sparse_delta_linear` without its argument checks, for callers that hold the layer contract
+    (``spiel.nn.SparseDeltaLinear``: shapes, dtypes and devices fixed at construction, indices validated at
+    each index update). Under autocast the input is cast to the autocast dtype and the op runs with autocast
+    off; otherwise no context is entered (a few microseconds of Python per call matter: the 7B step is
+    launch-bound)."""
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        if input.is_floating_point():
+            input = input.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return _SparseDeltaLinearFn.apply(input, weight, indices, values, bias, candidates, candidate_values,
+                                              plan, probe, fp8_weight_grad)
+    return _SparseDeltaLinearFn.apply(input, weight, indices, values, bias, candidates, candidate_values, plan,
+                                      probe, fp8_weight_grad)
