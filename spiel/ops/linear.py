@@ -14,6 +14,9 @@ import torch.nn.functional as F
 
 from ..quant.nf4 import NF4Weight
 from ._validate import WEIGHT_DTYPES, check_indices, check_same_device, check_tensor
+from .merge import merge_delta_eager
+from .nf4 import nf4_dequantize_add_delta_eager
+from .sddmm import sddmm_eager
 
 WeightLike = Union[torch.Tensor, NF4Weight]
 _DTYPES = WEIGHT_DTYPES + (torch.float64,)  # float64 runs on the reference backend (gradcheck)
@@ -22,10 +25,17 @@ _DTYPES = WEIGHT_DTYPES + (torch.float64,)  # float64 runs on the reference back
 def effective_weight(weight: WeightLike, indices: torch.Tensor, values: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:
     """``W + scatter(indices, values)`` in ``dtype`` (one fused op for NF4 weights)."""
+    eager = not torch.compiler.is_compiling()  # eager: the ops' implementations directly (no dispatch)
     if isinstance(weight, NF4Weight):
-        return torch.ops.spiel.nf4_dequantize_add_delta(*weight.op_args(), dtype, indices, values)
-    merged = torch.ops.spiel.merge_delta(weight, indices, values)
+        fn = nf4_dequantize_add_delta_eager if eager else torch.ops.spiel.nf4_dequantize_add_delta
+        return fn(*weight.op_args(), dtype, indices, values)
+    merged = (merge_delta_eager if eager else torch.ops.spiel.merge_delta)(weight, indices, values)
     return merged if merged.dtype == dtype else merged.to(dtype)
+
+
+def _sddmm(go, x, indices, out_features, in_features, plan):
+    fn = torch.ops.spiel.sddmm if torch.compiler.is_compiling() else sddmm_eager
+    return fn(go, x, indices, out_features, in_features, plan)
 
 
 class _SparseDeltaLinearFn(torch.autograd.Function):
@@ -67,14 +77,13 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
                 k = indices.shape[0]
                 both = torch.cat([indices, candidates.to(indices.dtype)])
                 grads = (torch.ops.spiel.sddmm_fp8(go, x, both, out_features, in_features) if fp8 else
-                         torch.ops.spiel.sddmm(go, x, both, out_features, in_features, plan))
+                         _sddmm(go, x, both, out_features, in_features, plan))
                 grad_values = grads[:k].to(values.dtype) if need_values else None
                 grad_candidates = grads[k:]
             elif fp8:
                 grad_values = torch.ops.spiel.sddmm_fp8(go, x, indices, out_features, in_features).to(values.dtype)
             else:
-                grads = torch.ops.spiel.sddmm(go, x, indices, out_features, in_features,
-                                              None if ctx.has_candidates else plan)
+                grads = _sddmm(go, x, indices, out_features, in_features, None if ctx.has_candidates else plan)
                 grad_values = grads.to(values.dtype)
         if need_bias:
             grad_bias = go.sum(0, dtype=torch.float32).to(ctx.bias_dtype)

@@ -30,11 +30,15 @@ def _kernel(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, o
         _dispatch.call("merge_delta", weight.device, weight, indices, values, out)
 
 
-@torch.library.impl("spiel::merge_delta", ["cpu", "cuda"])
-def _merge_delta_impl(weight, indices, values):
+def merge_delta_eager(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The implementation of ``spiel::merge_delta`` (no checks): called directly in eager mode by the layer's
+    autograd function, saving the custom-op dispatch on a launch-bound step; traced code uses the op."""
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     _kernel(weight, indices, values, out)
     return out
+
+
+torch.library.impl("spiel::merge_delta", ["cpu", "cuda"])(merge_delta_eager)
 
 
 @torch.library.impl("spiel::merge_delta_into", ["cpu", "cuda"])

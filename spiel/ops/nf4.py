@@ -29,12 +29,15 @@ def _kernel(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize
                    nested_offset, blocksize, indices, values, out)
 
 
-@torch.library.impl("spiel::nf4_dequantize_add_delta", ["cpu", "cuda"])
-def _nf4_dad_impl(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, out_features,
-                  in_features, dtype, indices, values):
+def nf4_dequantize_add_delta_eager(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                   out_features, in_features, dtype, indices, values):
+    """The implementation of ``spiel::nf4_dequantize_add_delta`` (no checks; see ``merge_delta_eager``)."""
     out = torch.empty(out_features, in_features, dtype=dtype, device=packed.device)
     _kernel(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, indices, values, out)
     return out
+
+
+torch.library.impl("spiel::nf4_dequantize_add_delta", ["cpu", "cuda"])(nf4_dequantize_add_delta_eager)
 
 
 @torch.library.impl("spiel::nf4_dequantize_add_delta_into", ["cpu", "cuda"])

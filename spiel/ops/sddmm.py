@@ -21,11 +21,15 @@ torch.library.define("spiel::sddmm_plan", "(Tensor indices, int out_features, in
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@torch.library.impl("spiel::sddmm", ["cpu", "cuda"])
-def _sddmm_impl(grad_output, input, indices, out_features, in_features, plan=None):
+def sddmm_eager(grad_output, input, indices, out_features, in_features, plan=None):
+    """The implementation of ``spiel::sddmm`` (no checks): called directly in eager mode by the layer's
+    backward, saving the custom-op dispatch; traced code uses the op."""
     if grad_output.dtype == torch.float64:
         return _dispatch.kernel_for("sddmm", "torch")(grad_output, input, indices, out_features, in_features, plan)
     return _dispatch.call("sddmm", grad_output.device, grad_output, input, indices, out_features, in_features, plan)
+
+
+torch.library.impl("spiel::sddmm", ["cpu", "cuda"])(sddmm_eager)
 
 
 @torch.library.register_fake("spiel::sddmm")
