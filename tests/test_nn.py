@@ -435,3 +435,13 @@ def test_nf4weight_layer_survives_dtype_cast():
     torch.testing.assert_close(layer(x.bfloat16()).float(), y, atol=5e-2, rtol=5e-2)
     assert set(layer.state_dict()) == {"bias", "weight_packed", "weight_absmax", "weight_nested_absmax",
                                        "weight_nested_code", "indices", "values"}
+
+
+def test_forward_bad_input_errors():
+    layer = SparseDeltaLinear(12, 8, num_deltas=10)
+    with pytest.raises(ValueError, match="in_features"):
+        layer(torch.randn(3, 11))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(3, 12, dtype=torch.int64))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer([[0.0] * 12])
