@@ -183,3 +183,26 @@ def test_nf4_dequant_over_2g_elements():
     _assert_equal(out.view(-1)[indices], (expected(indices) + values).to(torch.bfloat16),
                   "nf4 > 2**31 elements (delta positions)")
     assert not out.isnan().any()
+
+
+# ---- the swept launch knobs at real size (the defaults above are the tuned ones) --------------------------
+
+@pytest.mark.parametrize("knobs", [
+    dict(block=8192, num_warps=8, persistent=3, evict="evict_first", store=".cs"),
+    dict(block=16384, num_warps=16, persistent=1, evict="", store=""),
+    dict(block=4096, num_warps=4, persistent=0, evict="", store=".cs"),
+])
+def test_merge_knobs_real_size(knobs):
+    with triton_config(merge=knobs):
+        check_merge((11008, 4096), torch.bfloat16, torch.float32, torch.int32, [0, 1, 450888], DEV)
+        check_merge((257, 1000), torch.float16, torch.bfloat16, torch.int64, _ks(257000), DEV)
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(block=4096, num_warps=4, persistent=6, decode="pairs", group=4),
+    dict(block=8192, num_warps=8, persistent=0, decode="table", group=8, evict="evict_first", store=".cs"),
+])
+def test_nf4_knobs_real_size(knobs):
+    with triton_config(nf4=knobs):
+        check_dequant((11008, 4096), 64, True, torch.bfloat16, torch.float32, torch.int32, [0, 450888], DEV)
+        check_dequant((257, 1000), 128, False, torch.float32, torch.bfloat16, torch.int64, _ks(257000), DEV)
