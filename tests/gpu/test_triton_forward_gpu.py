@@ -205,4 +205,4 @@ def test_merge_knobs_real_size(knobs):
 def test_nf4_knobs_real_size(knobs):
     with triton_config(nf4=knobs):
         check_dequant((11008, 4096), 64, True, torch.bfloat16, torch.float32, torch.int32, [0, 450888], DEV)
-        check_dequant((257, 1000), 128, False, torch.float32, torch.bfloat16, torch.int64, _ks(257000), DEV)
+        check_dequant((257, 1000), 128, False, torch.float16, torch.bfloat16, torch.int64, _ks(257000), DEV)
