@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine: build spiel._C, run the GPU tests, compute-sanitizer on the CUDA kernels and the
 # benchmarks, then print a short summary. Stages (default: all but e2e):
-#   tests/gpu/run.sh [build] [test] [sanitize] [tune] [bench] [e2e]
+#   tests/gpu/run.sh [build] [test] [sanitize] [tune] [bench] [e2e] [e2e70b] [profile]
+# (each device call is limited to 10 minutes: build+test+sanitize+tune+bench fit one call, e2e another,
+#  e2e70b + profile a third; every later call needs `build` first on a fresh machine)
 # Logs go to $OUT (default /tmp/spiel-gpu). bitsandbytes wheels in .whl/ are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -74,9 +76,26 @@ if has bench; then
 fi
 
 if has e2e; then
-  timeout 560 python3 benchmarks/bench_e2e.py --model 7b ${E2E_ARGS:-} >"$OUT/bench_e2e.log" 2>&1; rc=$?
+  timeout 560 python3 benchmarks/bench_e2e.py --model 7b --provider-timeout 150 --budget-s 540 --csv "$OUT/results.csv" \
+    ${E2E_ARGS:-} >"$OUT/bench_e2e.log" 2>&1; rc=$?
   tail -40 "$OUT/bench_e2e.log"
   note "bench_e2e: rc $rc"
+fi
+
+if has e2e70b; then
+  timeout 560 python3 benchmarks/bench_e2e.py --model 70b --provider-timeout 240 --csv "$OUT/results.csv" \
+    >"$OUT/bench_e2e_70b.log" 2>&1; rc=$?
+  tail -30 "$OUT/bench_e2e_70b.log"
+  note "bench_e2e 70b: rc $rc"
+fi
+
+if has profile; then
+  for prefer in "" "--prefer merge_delta=cuda"; do
+    timeout 200 python3 benchmarks/profile_e2e.py --provider spiel-ag --model 7b --no-cycle $prefer \
+      >>"$OUT/profile.log" 2>&1; rc=$?
+    note "profile_e2e spiel-ag ${prefer:-(auto)}: rc $rc"
+  done
+  grep -E "^==|plain|wall" "$OUT/profile.log"
 fi
 
 echo; echo "==== summary ===="; printf '%s\n' "${summary[@]}"
