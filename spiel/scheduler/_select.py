@@ -10,7 +10,6 @@ without host syncs.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -23,16 +22,6 @@ _CHUNK = 16  # the probe's per-block top-k first ranks groups of this many entri
 
 
 # ------------------------------------------------------------------------------------------------ small tools
-@functools.lru_cache(maxsize=None)
-def _has_nonzero_static(device_type: str) -> bool:
-    """Feature test (memoised per device type): ``torch.nonzero_static`` runs on this device type."""
-    try:
-        probe = torch.ones(2, dtype=torch.bool, device=device_type)
-        return torch.nonzero_static(probe, size=1).shape == (1, 1)
-    except (AttributeError, NotImplementedError, RuntimeError, TypeError):
-        return False
-
-
 def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Ascending int64 positions of the ``True`` entries of a 1-D bool ``mask`` that holds exactly ``count`` of
     them (the caller guarantees it). No host sync: the output size is ``count``."""
@@ -40,22 +29,13 @@ def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
         raise ValueError(f"mask must be a 1-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
     if count == 0:
         return torch.empty(0, dtype=torch.int64, device=mask.device)
-    if _has_nonzero_static(mask.device.type):
-        return torch.nonzero_static(mask, size=count).view(-1)
-    # a stable sort on one byte puts the True entries first, in their original (ascending) order
-    return torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:count]
+    return torch.nonzero_static(mask, size=count).view(-1)
 
 
 def true_positions_padded(mask: torch.Tensor, size: int) -> torch.Tensor:
     """The first ``size`` ascending positions of ``True`` in a 1-D bool ``mask``, padded with -1 when it has
     fewer. No host sync."""
-    if _has_nonzero_static(mask.device.type):
-        return torch.nonzero_static(mask, size=size, fill_value=-1).view(-1)
-    order = torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices  # True entries first
-    if order.numel() < size:
-        order = torch.cat([order, order.new_full((size - order.numel(),), -1)])
-    order = order[:size]
-    return torch.where(torch.arange(size, device=mask.device) < mask.sum(), order, -1)
+    return torch.nonzero_static(mask, size=size, fill_value=-1).view(-1)
 
 
 def device_tensor(values: Sequence[int], device: torch.device, dtype=torch.int64) -> torch.Tensor:
@@ -66,24 +46,10 @@ def device_tensor(values: Sequence[int], device: torch.device, dtype=torch.int64
     return t.to(device)
 
 
-@functools.lru_cache(maxsize=None)
-def _mm_out_fp32_supported(device: str, dtype: torch.dtype) -> bool:
-    """Feature test (memoised per device and dtype): ``torch.mm(a, b, out_dtype=torch.float32, out=...)`` on
-    ``dtype`` inputs (the low-precision GEMM with an fp32 result, torch >= 2.8 on CUDA)."""
-    try:
-        a = torch.zeros(2, 2, dtype=dtype, device=device)
-        out = torch.empty(2, 2, dtype=torch.float32, device=device)
-        torch.mm(a, a, out_dtype=torch.float32, out=out)  # the form the probe uses
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
 def _uses_low_precision_gemm(grad_output: torch.Tensor, input: torch.Tensor) -> bool:
-    """Whether the probe's gradient blocks come from the bf16/fp16 GEMM with fp32 output (CUDA, same dtypes,
-    torch has ``mm(..., out_dtype=)``); otherwise the inputs are upcast to fp32 (always on CPU)."""
-    return (grad_output.is_cuda and grad_output.dtype in _LOW_PRECISION and input.dtype == grad_output.dtype
-            and _mm_out_fp32_supported(str(grad_output.device), grad_output.dtype))
+    """Whether the probe's gradient blocks come from the bf16/fp16 GEMM with fp32 output (CUDA, same dtypes:
+    ``torch.mm(..., out_dtype=torch.float32)``); otherwise the inputs are upcast to fp32 (always on CPU)."""
+    return grad_output.is_cuda and grad_output.dtype in _LOW_PRECISION and input.dtype == grad_output.dtype
 
 
 # ------------------------------------------------------------------------------------------------ merging
