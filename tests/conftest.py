@@ -24,6 +24,15 @@ def _fresh_backend():
     ops.set_validation(True)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster (and far faster on a shared, loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_indices(numel: int, k: int, dtype=torch.int64, generator=None, device="cpu") -> torch.Tensor:
     """k sorted unique flat positions out of numel."""
     return torch.randperm(numel, generator=generator)[:k].sort().values.to(device=device, dtype=dtype)

@@ -9,13 +9,7 @@ from spiel.nn.linear import SparseDeltaLinear
 from spiel.optim import SM3, SparseAdamW, sparse_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster (and far faster on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(out_f=12, in_f=10, k=30, seed=0, values_dtype=torch.float32):

@@ -12,12 +12,7 @@ from spiel.optim import SM3, SparseAdamW, adamw_foreach
 from spiel.optim.adamw import INT16_STEP_LIMIT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = [(12, 10, 30), (7, 9, 20), (12, 10, 25), (5, 40, 100), (7, 9, 3), (12, 10, 1)]

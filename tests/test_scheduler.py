@@ -14,13 +14,7 @@ from spiel.optim import SM3, SparseAdamW
 from spiel.scheduler import SpielScheduler, drop_fraction_at, top_gradient_entries
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster (and far faster on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -18,12 +18,7 @@ from spiel.scheduler.spiel_scheduler import _generic_reindex
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ties(shape, gen, lo=-3, hi=4, dtype=torch.float32, device="cpu"):
