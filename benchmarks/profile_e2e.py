@@ -38,6 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--prefer", action="append", default=[], metavar="KERNEL=BACKEND",
                    help="put BACKEND first in spiel's auto order for KERNEL (e.g. merge_delta=cuda)")
     p.add_argument("--no-cycle", action="store_true", help="skip the reselection cycle: 3 plain steps, then profile")
+    p.add_argument("--probe-block-elements", type=int, default=None,
+                   help="AG: dense-gradient elements the probe forms at once (SpielScheduler block_elements)")
+    p.add_argument("--profile-update", action="store_true",
+                   help="also profile the index-update steps (the AG probe step through the reselection step, or "
+                        "the MA reselection step): kernels and the scheduler's labelled phases")
     args = p.parse_args(argv)
     for item in args.prefer:
         from spiel.ops import AUTO_ORDER
@@ -53,6 +58,8 @@ def main(argv=None) -> int:
     model = E.build_model(shape, device, nf4=args.provider in E.NF4_PROVIDERS)
     S = args.reselection_steps
     model, opt, sched, layers = E.setup_provider(args.provider, model, shape, args, device, 10 * S, [])
+    if args.probe_block_elements is not None and sched is not None:
+        sched.block_elements = args.probe_block_elements
     model.train()
     ids = torch.randint(shape["vocab"], (1, shape["seq"]), device=device)
 
@@ -122,10 +129,13 @@ def main(argv=None) -> int:
     print("\n== peak memory per phase (GiB, max over the cycle)")
     for ph, v in phases.items():
         print(f"  {ph:10s} {max(v):7.2f}")
+    if args.profile_update and sched is not None:
+        profile_update_steps(step, sync, sched, layers, S, args.top, cuda)
     if not cuda:
         return 0
-    # profile two plain steps
     from torch.profiler import ProfilerActivity, profile
+
+    # profile two plain steps
 
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -146,6 +156,42 @@ def main(argv=None) -> int:
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if not hasattr(events[0], "self_device_time_total")
                                     else "self_device_time_total", row_limit=args.top, max_name_column_width=60))
     return 0
+
+
+def profile_update_steps(step, sync, sched, layers, S, top, cuda) -> None:
+    """Profile from the step that runs the AG probe (or, for MA, the step before the update) through the step
+    that changes the indices: the top kernels and the scheduler's phases (record_function ranges)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2 * S):  # advance to just before the next probe / update
+        sig = E.layer_signature(layers)
+        nxt = sched.step_count + 1
+        if any(b[3] for b in sig) or sched.is_update_step(nxt):
+            break
+        step()
+    sync()
+    n = 0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2 * S):
+            before = E.layer_signature(layers)
+            step()
+            n += 1
+            if any(b[0] is not a[0] or b[1] != a[1] for b, a in zip(before, E.layer_signature(layers))):
+                break  # the indices changed: the reselection step ran
+        sync()
+    rows = prof.key_averages()
+    print(f"\n== index-update steps profiled: {n} steps from the probe to the reselection")
+    print("   scheduler phases (CPU total = wall of the phase incl. launches; device = kernels inside it):")
+    for e in rows:
+        if e.key.startswith("spiel.scheduler."):
+            dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+            print(f"  {e.key:28s} calls {e.count:4d}  CPU total {e.cpu_time_total / 1e3:8.1f} ms  "
+                  f"device {dev / 1e3:8.1f} ms")
+    if cuda:
+        key = "self_device_time_total" if hasattr(rows[0], "self_device_time_total") else "self_cuda_time_total"
+        print(rows.table(sort_by=key, row_limit=top, max_name_column_width=60))
+    print(rows.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":

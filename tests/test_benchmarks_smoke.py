@@ -151,3 +151,21 @@ def test_plot_and_helpers(tmp_path):
         _run("plot.py", "--csv", str(path), "--out", str(tmp_path / "plots"), "--run-id", "all")
         assert (tmp_path / "plots" / "e2e.png").exists()
         assert (tmp_path / "plots" / "e2e_steps.png").exists()
+
+
+def test_bench_select_small_cpu(tmp_path):
+    out_csv = tmp_path / "select.csv"
+    stdout = _run("bench_select.py", "--small", "--device", "cpu", "--csv", str(out_csv))
+    assert "AG probe on one layer" in stdout
+    rows = _rows(out_csv)
+    assert {r["provider"] for r in rows} == {"gemm fp32 out", "probe 2^24", "probe 2^26", "block_top", "torch.topk"}
+    assert all(r["ms"] and float(r["ms"]) > 0 for r in rows), rows
+
+
+@pytest.mark.skipif(not (HAS_TRANSFORMERS and HAS_SPIEL_TRAINING), reason="transformers not installed")
+def test_profile_e2e_update_phases_cpu():
+    stdout = _run("profile_e2e.py", "--provider", "spiel-ag", "--model", "tiny", "--device", "cpu",
+                  "--reselection-steps", "4", "--accumulation-steps", "2", "--profile-update")
+    assert "index-update steps profiled" in stdout
+    for phase in ("probe", "install", "harvest", "update", "apply"):
+        assert f"spiel.scheduler.{phase}" in stdout, phase

@@ -27,6 +27,7 @@ rebuilds its sddmm plan.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import defaultdict
@@ -57,6 +58,18 @@ def drop_fraction_at(step: int, total_steps: int, initial: float, schedule: str 
     if schedule == "constant":
         return initial
     raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+
+
+def _labelled(label: str):
+    """Name a scheduler phase in torch.profiler traces (``benchmarks/profile_e2e.py --profile-update``); a
+    record_function range costs a few microseconds, once per phase, not per layer."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
 
 
 def _strip(name: str) -> str:
@@ -274,6 +287,7 @@ class SpielScheduler:
         self._armed = {}
         self._probe_results = {}
 
+    @_labelled("spiel.scheduler.probe")
     def _on_probe(self, layer, grad_output, input) -> None:
         name, _ = self._by_id.get(id(layer), (None, None))
         if layer.gradient_probe is self._probe:
@@ -283,6 +297,7 @@ class SpielScheduler:
         self._probe_results[name] = top_gradient_entries(grad_output, input, layer.indices, self._armed[name],
                                                          self.block_elements)
 
+    @_labelled("spiel.scheduler.install")
     def _install(self) -> None:
         """Turn the probe results into installed candidates (identical on every rank)."""
         update, armed, results = self._armed_for, self._armed, self._probe_results
@@ -326,6 +341,7 @@ class SpielScheduler:
             accs.append(torch.zeros(chosen[name].numel(), dtype=torch.float32, device=layer.indices.device))
         self._window = {"update": update, "names": win_names, "accs": accs} if win_names else None
 
+    @_labelled("spiel.scheduler.harvest")
     @torch.no_grad()
     def _harvest(self) -> None:
         """Move this step's candidate gradients into the fp32 accumulators (unscaled; skipped if not finite)."""
@@ -362,6 +378,7 @@ class SpielScheduler:
         self._window = None
 
     # ---------------------------------------------------------------------------------------- update
+    @_labelled("spiel.scheduler.update")
     @torch.no_grad()
     def _update(self, t: int) -> None:
         """Drop + regrow in every layer, batched: layers of one device (and, for MA, one shape) with the same k
@@ -415,6 +432,7 @@ class SpielScheduler:
         if self.check_consistency and _dist.world(self.process_group)[0] > 1:
             self._verify()
 
+    @_labelled("spiel.scheduler.apply")
     def _apply(self, todo) -> None:
         """Drop ``len(regrown)`` smallest-|value| entries per layer, insert ``regrown`` (value 0), keep indices
         sorted, and permute the optimizer's per-slot state; batched by (device, k, n)."""

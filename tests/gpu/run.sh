@@ -35,27 +35,28 @@ if has build; then
 fi
 
 if has test; then
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -ra -p no:cacheprovider --timeout=300 -n "${TEST_WORKERS:-8}" \
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -ra -p no:cacheprovider --timeout=300 -n "${TEST_WORKERS:-8}" --durations=10 \
     -m "gpu and not slow" >"$OUT/gpu_tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40
+  grep -E "slowest|^[0-9.]+s (call|setup)" "$OUT/gpu_tests.log" | head -12
   note "gpu tests: $(tail -1 "$OUT/gpu_tests.log") (rc $rc)"
 fi
 
 if has sanitize; then
-  for tool in memcheck racecheck; do
-    if compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/gpu/sanitize_driver.py >"$OUT/sanitize_$tool.log" 2>&1; then
-      note "compute-sanitizer $tool: clean ($(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitize_$tool.log") summaries)"
-    else
-      tail -30 "$OUT/sanitize_$tool.log"; note "compute-sanitizer $tool: ERRORS (see sanitize_$tool.log)"
-    fi
-    # sddmm strategies at small shapes (racecheck of the shared-memory staging and the tile extraction)
-    if timeout "${SANITIZE_SDDMM_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 \
-         python3 tests/gpu/sanitize_sddmm.py >"$OUT/sanitize_sddmm_$tool.log" 2>&1; then
-      note "compute-sanitizer $tool sddmm: clean ($(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitize_sddmm_$tool.log") summaries)"
-    else
-      tail -20 "$OUT/sanitize_sddmm_$tool.log"; note "compute-sanitizer $tool sddmm: ERRORS or timeout (see sanitize_sddmm_$tool.log)"
-    fi
+  # SANITIZE_TOOLS / SANITIZE_SCRIPTS narrow the run (racecheck is slow: a few minutes per driver)
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+    # sanitize_driver: merge / NF4 kernels; sanitize_sddmm: every sddmm strategy at small shapes
+    # (racecheck covers the shared-memory staging and the tile extraction)
+    for script in ${SANITIZE_SCRIPTS:-sanitize_driver sanitize_sddmm}; do
+      log="$OUT/${script}_$tool.log"
+      if timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 \
+           python3 "tests/gpu/$script.py" >"$log" 2>&1; then
+        note "compute-sanitizer $tool $script: clean ($(grep -c 'ERROR SUMMARY: 0' "$log") summaries; $(tail -1 "$log"))"
+      else
+        tail -20 "$log"; note "compute-sanitizer $tool $script: ERRORS or timeout (see $(basename "$log"))"
+      fi
+    done
   done
 fi
 
@@ -66,11 +67,13 @@ if has tune; then
 fi
 
 if has bench; then
-  for script in bench_forward bench_sddmm bench_layer; do
+  # BENCH_SCRIPTS narrows the run (each script has its own 300 s limit, BENCH_TIMEOUT)
+  for script in ${BENCH_SCRIPTS:-bench_forward bench_sddmm bench_layer}; do
     if [ -f "benchmarks/$script.py" ]; then
-      timeout 300 python3 "benchmarks/$script.py" --csv "$OUT/results.csv" >"$OUT/$script.log" 2>&1; rc=$?
+      t0=$(date +%s)
+      timeout "${BENCH_TIMEOUT:-300}" python3 "benchmarks/$script.py" --csv "$OUT/results.csv" >"$OUT/$script.log" 2>&1; rc=$?
       tail -60 "$OUT/$script.log"
-      note "$script: rc $rc"
+      note "$script: rc $rc in $(( $(date +%s) - t0 )) s"
     fi
   done
 fi

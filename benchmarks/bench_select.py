@@ -1,0 +1,82 @@
+"""The SpIEL-AG candidate probe on one layer: where its time goes (the 7B profile's probe step costs ~0.77 s
+over a plain step, ~3.4 ms per layer).
+
+    python benchmarks/bench_select.py                 # H100: ~20 s
+    python benchmarks/bench_select.py --device cpu --small
+
+Case: one layer's probe at T = 2048 tokens (the 7B e2e batch) with LoRA-r64-matched active deltas (2.14%) and
+k = 0.2 x active candidates (the first reselection's regrow count). Providers:
+  gemm fp32 out      the dense gradient as fp32, all at once: the floor the probe cannot beat
+  probe 2^24 / 2^26  ``top_gradient_entries`` with 16 M / 64 M gradient elements per block (the scheduler's
+                     ``block_elements``; 2^24 is the default)
+  block_top          the exact per-block top-k alone on one 2^24-element block
+  torch.topk         ``torch.topk`` on the same block (unsorted), for scale
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from harness import Runner, common_args, fmt, guarded_main, pick_device, print_header, print_table  # noqa: E402
+
+SHAPES = [(11008, 4096), (4096, 4096)]
+
+
+def main(argv=None) -> int:
+    p = common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--tokens", type=int, default=None, help="T (default 2048, --small 64)")
+    p.add_argument("--small", action="store_true", help="small shapes (CPU smoke test)")
+    p.add_argument("--density", type=float, default=0.0214, help="active density (LoRA r64-matched on 7B)")
+    p.add_argument("--regrow", type=float, default=0.2, help="candidates = regrow x active")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    from spiel.scheduler._select import _block_top, top_gradient_entries
+
+    T = args.tokens or (64 if args.small else 2048)
+    shapes = [(300, 256), (128, 128)] if args.small else SHAPES
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def body(runner: Runner) -> None:
+        print_header("select", device, runner.ceil)
+        g = torch.Generator(device=device).manual_seed(0)
+        for out_f, in_f in shapes:
+            n = out_f * in_f
+            active = torch.randperm(n, device=device, generator=g)[: int(n * args.density)].sort().values
+            active = active.to(torch.int32)
+            k = max(1, int(active.numel() * args.regrow))
+            G = torch.randn(T, out_f, device=device, dtype=dtype, generator=g)
+            X = torch.randn(T, in_f, device=device, dtype=dtype, generator=g)
+            case = f"{out_f}x{in_f} T={T} k={k}"
+            info = {"shape": f"{out_f}x{in_f}", "k": k, "density": args.density}
+            if device.type == "cuda":
+                gemm = lambda: torch.mm(G.t(), X, out_dtype=torch.float32)  # noqa: E731
+            else:
+                gemm = lambda: torch.mm(G.t().float(), X.float())  # noqa: E731
+            ref = runner.run(case, "gemm fp32 out", lambda: gemm, info, reference=True)
+            ref_ms = ref.get("ms")
+            for log2 in (24, 26):
+                runner.run(case, f"probe 2^{log2}",
+                           lambda log2=log2: lambda: top_gradient_entries(G, X, active, k, 1 << log2), info,
+                           ref_ms=ref_ms)
+            block_n = min(n, 1 << 24) if not args.small else n
+            block = torch.rand(block_n, device=device, generator=g)
+            kb = min(k, block_n)
+            runner.run(case, "block_top", lambda: lambda: _block_top(block, kb), info, ref_ms=ref_ms)
+            runner.run(case, "torch.topk", lambda: lambda: torch.topk(block, kb, sorted=False), info, ref_ms=ref_ms)
+
+    def summary(runner: Runner) -> None:
+        print_table(runner.rows, [("case", "case"), ("provider", "provider"), ("ms", "ms"),
+                                  ("p20-p80", lambda r: f"{fmt(r.get('ms_p20'))}-{fmt(r.get('ms_p80'))}"),
+                                  ("x gemm", "x_ref"), ("peak MiB", "peak_mib"), ("note", "note")],
+                    title="AG probe on one layer: median ms (x gemm = time / the dense fp32-out GEMM)")
+
+    return guarded_main(lambda: Runner("select", device, args.csv, rep_ms=50), body, summary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
