@@ -152,8 +152,18 @@ def test_batched_topk_outer_rejects_bad_input():
 
 
 # ----------------------------------------------------------------------------------------------- probe
+@pytest.fixture(params=["direct", "chunked"])
+def block_schedule(request, monkeypatch):
+    """Both schedules of the probe's per-block top-k (the chunked one normally runs above 2**25 entries)."""
+    import spiel.scheduler._select as select
+
+    if request.param == "chunked":
+        monkeypatch.setattr(select, "_DIRECT_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_probe_tie_breaking_with_massive_ties(device):
+def test_probe_tie_breaking_with_massive_ties(device, block_schedule):
     """Every |gradient| equal (or in two levels): the answer is decided by position alone."""
     out_f, in_f = 12, 10
     for G in (torch.ones(out_f, in_f), torch.where(torch.arange(out_f * in_f).view(out_f, in_f) % 7 == 0, 2.0, 1.0),
@@ -174,7 +184,7 @@ def test_probe_tie_breaking_with_massive_ties(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_probe_matches_brute_force_with_chunk_prefilter(device):
+def test_probe_matches_brute_force_with_chunk_prefilter(device, block_schedule):
     """Blocks much larger than k (the chunk-maximum prefilter) with ties inside and across chunks."""
     gen = torch.Generator().manual_seed(4)
     out_f, in_f = 48, 64

@@ -18,7 +18,8 @@ __all__ = ["top_gradient_entries", "segmented_topk_abs", "top_abs_rows", "merge_
            "true_positions", "device_tensor"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_CHUNK = 16  # the probe's per-block top-k first ranks groups of this many entries by their maximum
+_CHUNK = 16              # the chunked top-k ranks groups of this many entries by their maximum first
+_DIRECT_MAX = 1 << 25    # blocks up to this many entries take one plain torch.topk (see _block_top)
 
 
 # ------------------------------------------------------------------------------------------------ small tools
@@ -66,15 +67,21 @@ def merge_top(pos: torch.Tensor, score: torch.Tensor, k: int) -> Tuple[torch.Ten
 def _block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending local positions (int64 [k]) of the k largest of ``scores`` (fp32 without NaN), ties by the
     smaller position, whatever order ``torch.topk`` breaks ties in: the entries above the k-th value are all in
-    topk's answer; of those equal to it, the first ``k - above`` by position are taken (one compare pass). For
-    k much smaller than the block, topk first picks chunks by their maximum."""
+    topk's answer; of those equal to it, the first ``k - above`` by position are taken (one compare pass).
+
+    Two schedules, picked by size from H100 measurements (``benchmarks/bench_select.py``, NOTES "AG probe"):
+    up to 2**25 entries one ``torch.topk`` over the block and two mask scans (0.57 ms at 2**24 entries,
+    k = 193k, against 1.01 ms for the chunked schedule); above, a chunked two-stage top-k (topk over the
+    chunk maxima, then over the entries of the k best chunks) and one sort of the 2k chosen positions
+    (a 45M-entry layer probe: 1.52 ms against 2.02 ms with one topk over the whole block)."""
     n = scores.numel()
     device = scores.device
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
     if k >= n:
         return torch.arange(n, device=device)
-    if n % _CHUNK == 0 and 4 * _CHUNK * k <= n:
+    chunked = n > _DIRECT_MAX and n % _CHUNK == 0 and 4 * _CHUNK * k <= n
+    if chunked:
         # chunk j = entries {j + i * n / CHUNK}: the k chunks of largest maximum hold every entry above the k-th
         # largest chunk maximum t and at least k entries >= t, so their k largest have the block's k-th value
         stride = n // _CHUNK
@@ -87,14 +94,20 @@ def _block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     kth = top_values.min()
     above = top_values > kth                                          # all entries above kth; count a < k
     ties = true_positions_padded(scores == kth, k)                    # first min(#ties, k) tied positions
-    take_ties = torch.arange(k, device=device) < (k - above.sum())    # the first k - a of them
-    chosen = torch.cat([torch.where(above, top_pos, n), torch.where(take_ties, ties, n)])  # k valid, n = unused
-    return torch.sort(chosen).values[:k]
+    take_ties = torch.arange(k, device=device) < (k - above.sum())    # the first k - a of them (all exist)
+    if chunked:
+        chosen = torch.cat([torch.where(above, top_pos, n), torch.where(take_ties, ties, n)])  # k valid, n = unused
+        return torch.sort(chosen).values[:k]
+    # mark the k chosen positions (slot n absorbs the unused ones) and read them back in ascending order
+    mask = torch.zeros(n + 1, dtype=torch.bool, device=device)
+    mask.index_fill_(0, torch.where(above, top_pos, n), True)
+    mask.index_fill_(0, torch.where(take_ties, ties, n), True)
+    return true_positions(mask[:n], k)
 
 
 @torch.no_grad()
 def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude: Optional[torch.Tensor], k: int,
-                         block_elements: int = 1 << 24) -> Tuple[torch.Tensor, torch.Tensor]:
+                         block_elements: int = 1 << 26) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` positions of ``|grad_output^T @ input|`` (the dense weight gradient, fp32) that are not in
     ``exclude``.
 
