@@ -372,7 +372,7 @@ class _SyncCounter(TorchDispatchMode):
     """Counts operations that need the device's results on the host: scalar reads (item/bool/int), data-dependent
     output sizes (nonzero, masked_select, boolean indexing, unique, repeat_interleave without output_size), plus
     ``tolist``/``numpy`` (patched: they bypass the dispatcher). The sddmm plan build (one read of a few counts per
-    plan, owned by spiel.ops) is not counted."""
+    plan, owned by spiel.ops; none at LoRA-like densities) is not counted."""
 
     SIZE_OPS = ("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
                 "aten::unique_consecutive", "aten::_unique")
@@ -390,8 +390,9 @@ class _SyncCounter(TorchDispatchMode):
                 counter._hit(_name)
                 return _original(t, *a, **kw)
             monkeypatch.setattr(torch.Tensor, method, wrapped)
-        # plan decisions and builds (one read-back each, per layer whose index set changed) are not counted
-        for fn_name in ("build_plan", "needs_plan"):
+        # plan builds (one read-back each, per layer whose plan is needed) are not counted; the plan decisions
+        # (needs_plan_many: one read-back per batch of layers) are
+        for fn_name in ("build_plan",):
             original_fn = getattr(plan_module, fn_name)
 
             def uncounted(*a, _original=original_fn, **kw):
@@ -452,16 +453,18 @@ def test_index_update_host_syncs_do_not_grow_with_layers(mode, monkeypatch):
             monkeypatch.undo()
         assert sched.last_update and len(sched.last_update) == n_layers
         counts[n_layers] = per_step
-    # the step with the update (and, AG, the candidate installation) does a constant number of syncs
+    # the step with the update (and, AG, the candidate installation) does a constant number of syncs, the plan
+    # decisions of all layers included (one read-back per batch of layers of one shape)
     assert counts[3] == counts[12], counts
-    assert max(counts[12]) <= 4, counts
+    assert max(counts[12]) <= 6, counts
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["ag", "ma"])
 def test_cuda_index_update_syncs(mode, monkeypatch):
     """On CUDA (torch's sync debug mode): the AG probe never synchronises; a scheduler step synchronises only in
-    the sddmm plan decisions and builds (one per layer, owned by spiel.ops), plus, MA, once per batch of layers."""
+    the sddmm plan decisions (one per batch of layers) and builds (one per layer that needs a plan, owned by
+    spiel.ops), plus, MA, once per batch of layers."""
     import warnings
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -470,7 +473,7 @@ def test_cuda_index_update_syncs(mode, monkeypatch):
     opt = SparseAdamW(model, lr=0.05) if mode == "ag" else SM3(model, lr=0.05)
     sched = SpielScheduler(model, opt, mode, total_steps=100, reselection_steps=4, accumulation_steps=2,
                            drop_fraction=0.3)
-    for fn_name in ("build_plan", "needs_plan"):  # the plan decision and build read back a few counts
+    for fn_name in ("build_plan", "needs_plan_many"):  # the plan decisions and builds read back a few counts
         original_fn = getattr(plan_module, fn_name)
 
         def unchecked(*a, _original=original_fn, **kw):

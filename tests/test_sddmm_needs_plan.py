@@ -36,3 +36,42 @@ def test_layer_keeps_no_plan_at_lora_density_and_one_at_low_density():
     dense(x).sum().backward()
     want = (torch.ones(5, 4096).t() @ x).view(-1)[dense.indices.long()]
     torch.testing.assert_close(dense.values.grad, want)
+
+
+def test_needs_plan_many_matches_one_at_a_time_with_one_read_back(monkeypatch):
+    """The batched decision (one device-to-host read for all items) equals the per-item one, k = 0 included."""
+    gen = torch.Generator().manual_seed(7)
+    items = []
+    for (out_f, in_f), density, kind in [((512, 768), 0.0005, "random"), ((1000, 300), 0.03, "random"),
+                                         ((2048, 512), 0.005, "concentrated"), ((512, 768), 0.2, "random")]:
+        idx = _indices(out_f, in_f, max(1, int(density * out_f * in_f)), kind, gen)
+        items.append((idx.to(torch.int64 if kind == "random" else torch.int32), out_f, in_f))
+    items.append((torch.empty(0, dtype=torch.int32), 64, 64))
+    want = [P.needs_plan(*item) for item in items]
+    assert True in want and False in want  # both answers are exercised
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counted(t, *a, **kw):
+        reads.append(t.shape)
+        return original(t, *a, **kw)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    assert P.needs_plan_many(items) == want
+    assert len(reads) == 1
+
+
+def test_rebuild_sddmm_plans_matches_per_layer_rebuild():
+    from spiel.nn import rebuild_sddmm_plans
+
+    torch.manual_seed(0)
+    layers = [SparseDeltaLinear(1024, 4096, bias=False, num_deltas=64 * (4096 + 1024)),
+              SparseDeltaLinear(1024, 1024, bias=False, density=0.0005),
+              SparseDeltaLinear(300, 200, bias=False, density=0.01)]
+    want = [None if layer.sddmm_plan is None else layer.sddmm_plan.clone() for layer in layers]
+    for layer in layers:
+        layer.sddmm_plan = torch.full((3,), -1, dtype=torch.int32)  # stale
+    rebuild_sddmm_plans(layers)
+    for layer, plan in zip(layers, want):
+        assert (layer.sddmm_plan is None) == (plan is None)
+        if plan is not None:
+            assert torch.equal(layer.sddmm_plan, plan)

@@ -7,13 +7,14 @@
 ``merged_state_dict``       a plain state_dict with the deltas merged (export)
 ``save_deltas`` / ``load_deltas``   only indices + values, as safetensors
 ``sparse_delta_modules``    name -> SparseDeltaLinear of a model
+``rebuild_sddmm_plans``     refresh many layers' sddmm plans after ``set_indices(..., rebuild_plan=False)``
 ==========================  ====================================================================
 """
-from .linear import SparseDeltaLinear, random_indices
+from .linear import SparseDeltaLinear, random_indices, rebuild_sddmm_plans
 from .inject import inject, merge, merged_state_dict, restore, sparse_delta_modules, split_budget, unmerge
 from .io import load_deltas, read_deltas, save_deltas
 
 __all__ = [
     "SparseDeltaLinear", "random_indices", "inject", "restore", "merge", "unmerge", "merged_state_dict",
-    "sparse_delta_modules", "split_budget", "save_deltas", "load_deltas", "read_deltas",
+    "sparse_delta_modules", "split_budget", "save_deltas", "load_deltas", "read_deltas", "rebuild_sddmm_plans",
 ]

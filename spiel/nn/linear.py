@@ -22,7 +22,8 @@ from ..ops.linear import apply_sparse_delta_linear
 from ..ops.backends import sddmm_plan as _plan
 from ..quant.nf4 import NF4Weight
 
-__all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit"]
+__all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit",
+           "rebuild_sddmm_plans"]
 
 INT32_LIMIT = 2**31 - 1
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -408,17 +409,11 @@ class SparseDeltaLinear(nn.Linear):
 
     # ---- index updates (the layer contract) ------------------------------------------------------------
     def _rebuild_plan(self) -> None:
-        """Rebuild ``sddmm_plan`` for ``indices`` (plus ``candidates`` while set). The index sets are trusted
-        here (validated, or guaranteed by the caller, where they were set), so the op is called without the
-        public wrapper's value checks (their host syncs); the plan build itself reads back a few counts."""
-        idx = self.indices if self.candidates is None else torch.cat([self.indices, self.candidates])
-        if not _plan.needs_plan(idx, self.out_features, self.in_features):
-            # both GPU backends would run the vendor GEMM over row bands, which needs no plan (sddmm without
-            # one runs exactly that): keep none instead of ~3 int32 per delta (perm, sperm, cperm), and skip
-            # the build (the bulk of an index update's time at LoRA-like densities)
-            self.sddmm_plan = None
-            return
-        self.sddmm_plan = torch.ops.spiel.sddmm_plan(idx.contiguous(), self.out_features, self.in_features)
+        """Rebuild ``sddmm_plan`` for ``indices`` (plus ``candidates`` while set); see :func:`rebuild_sddmm_plans`."""
+        rebuild_sddmm_plans([self])
+
+    def _plan_indices(self) -> torch.Tensor:
+        return self.indices if self.candidates is None else torch.cat([self.indices, self.candidates])
 
     def _normalise_indices(self, indices: torch.Tensor, what: str, validate: bool = True) -> torch.Tensor:
         numel = self.in_features * self.out_features
@@ -440,7 +435,7 @@ class SparseDeltaLinear(nn.Linear):
 
     @torch.no_grad()
     def set_indices(self, indices: torch.Tensor, values: Optional[torch.Tensor] = None, *,
-                    validate: bool = True) -> None:
+                    validate: bool = True, rebuild_plan: bool = True) -> None:
         """Replace the active indices (and values) in place; rebuild ``sddmm_plan``.
 
         ``indices`` is validated once here (1-D integer, sorted, unique, in range: a host sync) and stored as
@@ -451,7 +446,9 @@ class SparseDeltaLinear(nn.Linear):
 
         ``validate=False`` is the trusted path for callers that guarantee the indices are sorted, unique, in
         range and disjoint from the candidates (e.g. SpielScheduler): it skips those value checks and their host
-        syncs (shapes and dtypes are still checked).
+        syncs (shapes and dtypes are still checked). ``rebuild_plan=False`` leaves ``sddmm_plan`` stale: only for
+        a caller that calls :func:`rebuild_sddmm_plans` on the layer before its next backward (one host sync for
+        many layers instead of one each).
         """
         if self.merged:
             raise RuntimeError("set_indices on a merged SparseDeltaLinear: unmerge it first")
@@ -463,7 +460,8 @@ class SparseDeltaLinear(nn.Linear):
             self.indices.copy_(indices.detach())
             self.values.data.copy_(values.detach())
             self.values.grad = None
-            self._rebuild_plan()
+            if rebuild_plan:
+                self._rebuild_plan()
             return
         idx = self._normalise_indices(indices, "indices", validate)
         k = idx.numel()
@@ -492,30 +490,32 @@ class SparseDeltaLinear(nn.Linear):
             self.indices = idx
             self.values.data = new_vals
         self.values.grad = None
-        self._rebuild_plan()
+        if rebuild_plan:
+            self._rebuild_plan()
 
     @torch.no_grad()
-    def set_candidates(self, candidates: torch.Tensor, *, validate: bool = True) -> None:
+    def set_candidates(self, candidates: torch.Tensor, *, validate: bool = True, rebuild_plan: bool = True) -> None:
         """Start accumulating the delta gradient at ``candidates`` (sorted, unique, disjoint from ``indices``).
 
         Creates ``candidate_values``: an fp32 [c] zero leaf requiring grad (not a Parameter) whose ``.grad``
         receives the gradient at the candidates on every backward until :meth:`clear_candidates`.
         ``validate=False``: the caller guarantees sorted, unique, in range and disjoint from ``indices``; the
-        value checks and their host syncs are skipped.
+        value checks and their host syncs are skipped. ``rebuild_plan=False``: as in :meth:`set_indices`.
         """
         cand = self._normalise_indices(candidates, "candidates", validate)
         if validate and self._overlap(self.indices, cand):
             raise ValueError("candidates must be disjoint from the active indices")
         self.candidates = cand
         self.candidate_values = torch.zeros(cand.numel(), dtype=torch.float32, device=cand.device, requires_grad=True)
-        self._rebuild_plan()
+        if rebuild_plan:
+            self._rebuild_plan()
 
     @torch.no_grad()
     def clear_candidates(self, *, rebuild_plan: bool = True) -> None:
         """Drop the candidates (and ``candidate_values`` with its gradient); rebuild ``sddmm_plan``.
 
         ``rebuild_plan=False`` leaves the plan stale: only for a caller that calls :meth:`set_indices` right
-        after (which rebuilds it), saving one plan build.
+        after (which rebuilds it), saving one plan build, or :func:`rebuild_sddmm_plans`.
         """
         self.candidates = None
         self.candidate_values = None
@@ -654,3 +654,22 @@ class SparseDeltaLinear(nn.Linear):
         qs = QuantState.from_dict({k[len(wp):]: state_dict[k] for k in qkeys}, device=self.weight.device)
         self.weight.quant_state = qs
         self.__dict__["_bnb_quant_state"] = qs
+
+
+@torch.no_grad()
+def rebuild_sddmm_plans(layers) -> None:
+    """Rebuild the ``sddmm_plan`` of each :class:`SparseDeltaLinear` in ``layers`` for its indices (plus its
+    candidates while set), deciding for all of them with one device-to-host read (``needs_plan_many``).
+
+    Where both GPU backends would run the vendor GEMM over row bands (``sddmm`` without a plan runs exactly
+    that) the layer keeps no plan: ~3 int32 per delta saved and the build (the bulk of an index update at
+    LoRA-like densities) skipped. The index sets are trusted here (validated, or guaranteed by the caller,
+    where they were set), so the plan op is called without the public wrapper's value checks.
+    """
+    layers = list(layers)
+    plan_indices = [layer._plan_indices() for layer in layers]
+    needed = _plan.needs_plan_many([(idx, layer.out_features, layer.in_features)
+                                    for idx, layer in zip(plan_indices, layers)])
+    for layer, idx, need in zip(layers, plan_indices, needed):
+        layer.sddmm_plan = (torch.ops.spiel.sddmm_plan(idx.contiguous(), layer.out_features, layer.in_features)
+                            if need else None)

@@ -12,10 +12,10 @@ from typing import Callable, Dict, Hashable, List, Sequence, Tuple, TypeVar
 
 import torch
 
-from ..nn.linear import SparseDeltaLinear
+from ..nn.linear import SparseDeltaLinear, rebuild_sddmm_plans
 from ._select import top_abs_rows
 
-__all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_candidates_trusted"]
+__all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_candidates_trusted", "rebuild_plans"]
 
 #: Most elements (L * k) one batch of the update works on: bounds its temporaries (about 40 bytes per element:
 #: ~0.7 GB at 2**24; at 2**26 the 7B update step peaked 4.4 GiB above the plain steps on the H100).
@@ -45,19 +45,28 @@ def batches(items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T]
 
 
 def set_indices_trusted(layer, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """``layer.set_indices`` without the value checks (indices sorted, unique, in range, no candidates set)."""
+    """``layer.set_indices`` without the value checks (indices sorted, unique, in range, no candidates set).
+    A :class:`SparseDeltaLinear`'s sddmm plan is left stale: call :func:`rebuild_plans` on the batch after."""
     if isinstance(layer, SparseDeltaLinear):
-        layer.set_indices(indices, values, validate=False)
+        layer.set_indices(indices, values, validate=False, rebuild_plan=False)
     else:  # a layer-contract look-alike: its own set_indices
         layer.set_indices(indices, values)
 
 
 def set_candidates_trusted(layer, candidates: torch.Tensor) -> None:
-    """``layer.set_candidates`` without the value checks (sorted, unique, in range, disjoint from indices)."""
+    """``layer.set_candidates`` without the value checks (sorted, unique, in range, disjoint from indices).
+    A :class:`SparseDeltaLinear`'s sddmm plan is left stale: call :func:`rebuild_plans` on the batch after."""
     if isinstance(layer, SparseDeltaLinear):
-        layer.set_candidates(candidates, validate=False)
+        layer.set_candidates(candidates, validate=False, rebuild_plan=False)
     else:
         layer.set_candidates(candidates)
+
+
+def rebuild_plans(layers: Sequence) -> None:
+    """The sddmm plans of the :class:`SparseDeltaLinear` among ``layers``, decided with one host read."""
+    ours = [layer for layer in layers if isinstance(layer, SparseDeltaLinear)]
+    if ours:
+        rebuild_sddmm_plans(ours)
 
 
 def _merge_sorted(kept: torch.Tensor, regrown: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,3 +118,4 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
             reindex(layer, src[i], is_regrown[i])
         else:
             reindex_fallback(optimizer, layer.values, src[i], is_regrown[i])
+    rebuild_plans(layers)

@@ -39,7 +39,7 @@ from ..nn.linear import SparseDeltaLinear
 from ..optim.adamw import layer_shape, sparse_layers
 from . import _dist
 from ._outer import batched_topk_outer
-from ._replace import batches, drop_and_regrow, set_candidates_trusted
+from ._replace import batches, drop_and_regrow, rebuild_plans, set_candidates_trusted
 from ._select import top_abs_rows, top_gradient_entries, union_top
 
 __all__ = ["SpielScheduler", "drop_fraction_at"]
@@ -340,6 +340,7 @@ class SpielScheduler:
             set_candidates_trusted(layer, chosen[name].to(layer.indices.device))
             win_names.append(name)
             accs.append(torch.zeros(chosen[name].numel(), dtype=torch.float32, device=layer.indices.device))
+        rebuild_plans([self._by_name[name] for name in win_names])  # one host read for every layer
         self._window = {"update": update, "names": win_names, "accs": accs} if win_names else None
 
     @_labelled("spiel.scheduler.harvest")
@@ -369,13 +370,17 @@ class SpielScheduler:
         """Clear the installed candidates; layers named in ``keep_plan_of`` get ``set_indices`` right after, so
         their sddmm plan is not rebuilt here."""
         if self._window is not None:
+            stale = []
             for name in self._window["names"]:
                 layer = self._by_name[name]
                 if getattr(layer, "candidates", None) is not None:
-                    if name in keep_plan_of and isinstance(layer, SparseDeltaLinear):
+                    if isinstance(layer, SparseDeltaLinear):
                         layer.clear_candidates(rebuild_plan=False)
+                        if name not in keep_plan_of:
+                            stale.append(layer)
                     else:
                         layer.clear_candidates()
+            rebuild_plans(stale)  # one host read for every layer
         self._window = None
 
     # ---------------------------------------------------------------------------------------- update

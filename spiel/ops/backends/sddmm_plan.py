@@ -41,7 +41,7 @@ correctly with any plan of the same indices (the ``strategy=`` overrides use tha
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -289,25 +289,53 @@ def needs_plan(indices: torch.Tensor, out_features: int, in_features: int, *, T_
     bound (its staging term at 0): a few launches and one small device-to-host read, instead of the full
     build's sorts and work-item reductions (~8 ms per 11008 x 4096 layer at LoRA-like density on an H100).
     """
-    out_features, in_features = int(out_features), int(in_features)
-    k = indices.numel()
-    if k == 0:
-        return True
-    dev = indices.device
-    idx = indices.reshape(-1).to(torch.int64)
-    r = torch.div(idx, in_features, rounding_mode="floor")
-    c = idx - r * in_features
-    ntr, ntc = grid_dims(out_features, in_features)
-    ones = torch.ones((), dtype=torch.int32, device=dev).expand(k)
-    tiles = torch.zeros(ntr * ntc, dtype=torch.int32, device=dev).index_put_(((r // TILE) * ntc + c // TILE,), ones)
-    rows = torch.zeros(out_features, dtype=torch.int32, device=dev).index_put_((r,), ones)
-    cols = torch.zeros(in_features, dtype=torch.int32, device=dev).index_put_((c,), ones)
-    n_tiles, n_r, n_c = torch.stack([tiles.sum(), rows.sum(), cols.sum()]).tolist()
-    if choose_levels(out_features, in_features, n_r, n_c) != (0, 0):
-        return True
-    stats = {"n_tiles": n_tiles, "n_items": 0, "nR": n_r, "nC": n_c, "n_ctiles": n_tiles, "span_sum": 0}
-    return any(_pick(estimate_costs(T_hint, out_features, in_features, k, stats, backend)) != "dense_blas"
-               for backend in BACKENDS)
+    return needs_plan_many([(indices, out_features, in_features)], T_hint=T_hint)[0]
+
+
+def needs_plan_many(items: Sequence[Tuple[torch.Tensor, int, int]], *, T_hint: int = 4096) -> List[bool]:
+    """:func:`needs_plan` for many ``(indices, out_features, in_features)`` at once: the presence maps of every
+    item are counted on its device and read back in one device-to-host copy per device (an index update of
+    224 layers synchronises once instead of 224 times)."""
+    counts: List[Optional[torch.Tensor]] = []
+    for indices, out_features, in_features in items:
+        out_features, in_features = int(out_features), int(in_features)
+        k = indices.numel()
+        if k == 0:
+            counts.append(None)
+            continue
+        dev = indices.device
+        idx = indices.reshape(-1).to(torch.int64)
+        r = torch.div(idx, in_features, rounding_mode="floor")
+        c = idx - r * in_features
+        ntr, ntc = grid_dims(out_features, in_features)
+        ones = torch.ones((), dtype=torch.int32, device=dev).expand(k)
+        tiles = torch.zeros(ntr * ntc, dtype=torch.int32, device=dev).index_put_(((r // TILE) * ntc + c // TILE,),
+                                                                                 ones)
+        rows = torch.zeros(out_features, dtype=torch.int32, device=dev).index_put_((r,), ones)
+        cols = torch.zeros(in_features, dtype=torch.int32, device=dev).index_put_((c,), ones)
+        counts.append(torch.stack([tiles.sum(), rows.sum(), cols.sum()]))
+    host: Dict[int, List[int]] = {}
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, cnt in enumerate(counts):
+        if cnt is not None:
+            by_device.setdefault(cnt.device, []).append(i)
+    for members in by_device.values():  # one read-back per device
+        for i, row in zip(members, torch.stack([counts[i] for i in members]).tolist()):
+            host[i] = row
+    result = []
+    for i, (indices, out_features, in_features) in enumerate(items):
+        if i not in host:
+            result.append(True)  # k = 0: the plan says "nothing to compute"
+            continue
+        out_features, in_features = int(out_features), int(in_features)
+        n_tiles, n_r, n_c = host[i]
+        if choose_levels(out_features, in_features, n_r, n_c) != (0, 0):
+            result.append(True)
+            continue
+        stats = {"n_tiles": n_tiles, "n_items": 0, "nR": n_r, "nC": n_c, "n_ctiles": n_tiles, "span_sum": 0}
+        result.append(any(_pick(estimate_costs(T_hint, out_features, in_features, indices.numel(), stats, backend))
+                          != "dense_blas" for backend in BACKENDS))
+    return result
 
 
 def plan_stats(plan: torch.Tensor, k: int, out_features: int, in_features: int) -> Dict[str, int]:
