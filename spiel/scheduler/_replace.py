@@ -17,9 +17,11 @@ from ._select import top_abs_rows
 
 __all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_candidates_trusted", "rebuild_plans"]
 
-#: Most elements (L * k) one batch of the update works on: bounds its temporaries (about 40 bytes per element:
-#: ~0.7 GB at 2**24; at 2**26 the 7B update step peaked 4.4 GiB above the plain steps on the H100).
-BATCH_ELEMENTS = 1 << 24
+#: Most elements (L * k) one batch of the update works on: bounds its temporaries (about 40 bytes per element).
+#: H100, 7B AG: at 2**26 the update step peaked 4.4 GiB above the plain steps, at 2**24 0.73 GiB (then the
+#: step's peak: 18.55 GiB against 17.82 in backward); 2**22 bounds it near 0.2 GiB for ~27 more batches of
+#: launches per update (~10 ms of CPU per 20 steps).
+BATCH_ELEMENTS = 1 << 22
 
 T = TypeVar("T")
 
