@@ -19,6 +19,8 @@ Providers:
   published      published SpIEL math as a module replacement (random int64 indices, no index updates,
                  bf16 deltas), AdamW
   spiel-ag       spiel.nn.inject + spiel.optim.SparseAdamW + SpielScheduler(mode="ag")
+  spiel-ag-merged  the same, trained merged (spiel.nn.merge(model, train=True): W + delta kept in the weight,
+                 no merge kernel in the step)
   spiel-ma       spiel.nn.inject + spiel.optim.SM3 + SpielScheduler(mode="ma")
   frozen-nf4     bitsandbytes NF4 base (blocksize 64, double quant, bf16 compute), nothing trainable
   qlora          NF4 base + peft prepare_model_for_kbit_training + LoRA r (peft defaults), AdamW
@@ -60,13 +62,13 @@ SHAPES = {
                 rank=16),
     "tiny": dict(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=512, seq=64, rank=4),
 }
-ALL_PROVIDERS = ["frozen", "lora", "lora-bf16", "published", "spiel-ag", "spiel-ma", "frozen-nf4", "qlora",
-                 "published-nf4", "spiel-nf4"]
+ALL_PROVIDERS = ["frozen", "lora", "lora-bf16", "published", "spiel-ag", "spiel-ag-merged", "spiel-ma", "frozen-nf4",
+                 "qlora", "published-nf4", "spiel-nf4"]
 # in order of importance (a spent time budget drops the last ones)
-DEFAULT_PROVIDERS = ["frozen", "published", "spiel-ag", "lora", "spiel-ma", "published-nf4", "spiel-nf4", "qlora",
-                     "frozen-nf4"]
+DEFAULT_PROVIDERS = ["frozen", "published", "spiel-ag", "spiel-ag-merged", "lora", "spiel-ma", "published-nf4",
+                     "spiel-nf4", "qlora", "frozen-nf4"]
 NF4_PROVIDERS = {"frozen-nf4", "qlora", "published-nf4", "spiel-nf4"}
-SPIEL_PROVIDERS = {"spiel-ag", "spiel-ma", "spiel-nf4"}
+SPIEL_PROVIDERS = {"spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-nf4"}
 DEFAULT_70B = ["frozen-nf4", "qlora", "spiel-nf4"]
 REFERENCE = {p: ("frozen-nf4" if p in NF4_PROVIDERS else "frozen") for p in ALL_PROVIDERS}
 GIB = 2**30
@@ -277,6 +279,8 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
     if name in SPIEL_PROVIDERS:
         P.spiel_ops()
         layers = inject_matched(model, rank, notes)
+        if name == "spiel-ag-merged":
+            P.import_optional("spiel.nn").merge(model, train=True)
         mode = "ma" if name == "spiel-ma" else "ag"
         opt, sched = spiel_optimizer_and_scheduler(model, mode, args, total_steps, lr)
         enable_checkpointing(model)

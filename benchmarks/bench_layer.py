@@ -11,6 +11,8 @@ Providers (each a factory returning one step; inputs rotated over 3 buffers):
                  dense dW GEMM, gather at int64 indices (deltas bf16)
   spiel          spiel.ops.sparse_delta_linear, backend "auto"; spiel-torch / -triton / -cuda force a backend
   spiel-fp8      spiel's fp8 option, when spiel exposes one
+  spiel-merged   spiel.nn.SparseDeltaLinear trained merged (merge_(train=True): W + delta kept in the weight,
+                 each forward rewrites the k merged entries; no merge kernel), backend "auto"
   spiel-nf4      spiel on spiel's own NF4 weight (blocksize 64, double quant), backend "auto"
   lora           bf16 LoRA: x@W^T + (x@A^T)@B^T*scale, A and B trainable bf16
   peft-lora      peft LoraConfig(r) on an nn.Linear (peft defaults: fp32 adapters)
@@ -39,12 +41,12 @@ import providers as P  # noqa: E402
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMALL_SHAPES = [(64, 64), (96, 64), (64, 96)]
 ALL_PROVIDERS = ["frozen", "gemm-fwd", "gemm-dX", "gemm-dW", "full", "published", "spiel", "spiel-torch",
-                 "spiel-triton", "spiel-cuda", "spiel-fp8", "spiel-nf4", "lora", "peft-lora", "qlora",
+                 "spiel-triton", "spiel-cuda", "spiel-fp8", "spiel-merged", "spiel-nf4", "lora", "peft-lora", "qlora",
                  "frozen-nf4", "published-nf4"]
 # providers measured at both densities (the others do not depend on k)
-SPARSE = {"published", "spiel", "spiel-torch", "spiel-triton", "spiel-cuda", "spiel-fp8", "spiel-nf4",
+SPARSE = {"published", "spiel", "spiel-torch", "spiel-triton", "spiel-cuda", "spiel-fp8", "spiel-merged", "spiel-nf4",
           "published-nf4"}
-LOW_DENSITY_ONLY_FOR = {"published", "spiel", "spiel-torch", "spiel-triton", "spiel-cuda"}
+LOW_DENSITY_ONLY_FOR = {"published", "spiel", "spiel-torch", "spiel-triton", "spiel-cuda", "spiel-merged"}
 
 
 class Inputs:
@@ -143,6 +145,17 @@ def make_factories(out_f, in_f, tokens, k, device, dtype, rank, weight_cache):
             raise Skip("spiel.ops.sparse_delta_linear exposes no fp8 option")
         return spiel_with("auto", **opt)()
 
+    def spiel_merged():
+        P.spiel_ops()
+        snn = P.import_optional("spiel.nn")
+        base = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+        base.weight.data = weight()
+        mod = snn.SparseDeltaLinear.from_linear(base, num_deltas=k)
+        with torch.no_grad():
+            mod.values.normal_().mul_(1e-3)  # not zeros: the merged entries differ from W
+        mod.merge_(train=True)
+        return training_step(mod, [mod.values], inputs())
+
     def spiel_nf4():
         ops = P.spiel_ops()
         nf4 = ops.nf4_quantize(weight(), blocksize=64, double_quant=True, dtype=dtype)
@@ -184,7 +197,8 @@ def make_factories(out_f, in_f, tokens, k, device, dtype, rank, weight_cache):
         "gemm-fwd": gemm("fwd"), "gemm-dX": gemm("dX"), "gemm-dW": gemm("dW"),
         "frozen": frozen, "full": full, "published": published,
         "spiel": spiel_with("auto"), "spiel-torch": spiel_with("torch"), "spiel-triton": spiel_with("triton"),
-        "spiel-cuda": spiel_with("cuda"), "spiel-fp8": spiel_fp8, "spiel-nf4": spiel_nf4,
+        "spiel-cuda": spiel_with("cuda"), "spiel-fp8": spiel_fp8, "spiel-merged": spiel_merged,
+        "spiel-nf4": spiel_nf4,
         "lora": lora, "peft-lora": peft_lora, "qlora": qlora, "frozen-nf4": frozen_nf4,
         "published-nf4": published_nf4,
     }

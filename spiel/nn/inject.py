@@ -301,9 +301,12 @@ def _linear4bit_from(dense: torch.Tensor, bias, like: Optional[NF4Weight], compu
     return lin
 
 
-def merge(model: nn.Module, *, requantize: bool = False,
-          dtype: Optional[torch.dtype] = None) -> "OrderedDict[str, nn.Module]":
+def merge(model: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype] = None,
+          train: bool = False) -> "OrderedDict[str, nn.Module]":
     """Fold every layer's delta into its weight (for inference / export); :func:`unmerge` undoes it.
+
+    ``train=True``: merge the dense layers for *training* (:meth:`SparseDeltaLinear.merge_` with
+    ``train=True``: no merge kernel in the step, the same gradients) and leave NF4 layers as they are.
 
     - Dense bases (bf16/fp16/fp32): ``W + delta`` (fp32 sum, one rounding) is written into the weight's own
       storage in place; the k original weight entries are saved (O(k) memory) and ``values`` kept, so
@@ -322,9 +325,11 @@ def merge(model: nn.Module, *, requantize: bool = False,
     warned = False
     for name, layer in sparse_delta_modules(model).items():
         if not layer.is_quantized:
-            layer.merge_()
+            layer.merge_(train=train)
             out[name] = layer
             continue
+        if train:
+            continue  # NF4 bases cannot hold W + delta: they train unmerged
         dense = layer.merged_weight(dtype)
         if requantize:
             if not warned:
@@ -381,7 +386,7 @@ def merged_state_dict(model: nn.Module, *, dtype: Optional[torch.dtype] = None) 
             local = key[len(p):]
             if local in _SPIEL_KEYS or local.startswith("weight."):
                 del sd[key]
-        if layer.merged and dtype in (None, layer.weight.dtype):
+        if layer.merged and not layer.train_merged and dtype in (None, layer.weight.dtype):
             sd[p + "weight"] = layer.weight.detach()
         else:
             sd[p + "weight"] = layer.merged_weight(dtype)

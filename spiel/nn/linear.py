@@ -317,6 +317,9 @@ class SparseDeltaLinear(nn.Linear):
         self.register_buffer("sddmm_plan", None, persistent=False)
         # the k original weight entries while merged in place (see merge_), else None
         self.register_buffer("merge_saved", None, persistent=False)
+        # merged in place *for training* (merge_(train=True)): the forward refreshes the k merged entries
+        # from values and the op runs on the weight as is, taking only the delta gradient
+        self.train_merged: bool = False
         self._rebuild_plan()
 
     def _refresh_nf4(self) -> None:
@@ -373,8 +376,8 @@ class SparseDeltaLinear(nn.Linear):
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.merge_saved is not None:  # merged in place: the weight already holds W + delta (inference)
-            return F.linear(input, self.weight, self.bias)
+        if self.merge_saved is not None and not self.train_merged:
+            return F.linear(input, self.weight, self.bias)  # merged for inference: W + delta, no delta gradient
         if not isinstance(input, torch.Tensor) or not input.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {getattr(input, 'dtype', type(input))}")
         if input.shape[-1] != self.in_features:
@@ -383,12 +386,16 @@ class SparseDeltaLinear(nn.Linear):
         if input.device != self.indices.device:
             raise ValueError(f"input is on {input.device} but the layer is on {self.indices.device}")
         probe = self.gradient_probe
+        if self.train_merged:
+            # values may have changed since the last forward (an optimizer step): refresh the k merged entries
+            # (O(k); idempotent, so a checkpoint's recompute may repeat it) instead of merging out x in twice
+            self._write_merged_entries()
         # the layer holds the op's contract (shapes and dtypes fixed here, indices validated at every index
         # update): skip the functional wrapper's checks, ~40 us of Python per call on a launch-bound step
         return apply_sparse_delta_linear(
             input, self.compute_weight, self.indices, self.values, self.bias, self.candidates,
             self.candidate_values, self.sddmm_plan, None if probe is None else functools.partial(probe, self),
-            self.fp8_weight_grad)
+            self.fp8_weight_grad, self.train_merged)
 
     def extra_repr(self) -> str:
         base = {"bnb": "nf4(bnb)", "nf4": "nf4"}.get(self._base_kind) or str(self.weight.dtype).replace("torch.", "")
@@ -398,7 +405,7 @@ class SparseDeltaLinear(nn.Linear):
         if self.candidates is not None:
             s += f", candidates={self.candidates.numel()}"
         if self.merged:
-            s += ", merged=True"
+            s += ", merged=True" + (" (training)" if self.train_merged else "")
         return s
 
     def reset_parameters(self) -> None:
@@ -450,6 +457,14 @@ class SparseDeltaLinear(nn.Linear):
         a caller that calls :func:`rebuild_sddmm_plans` on the layer before its next backward (one host sync for
         many layers instead of one each).
         """
+        if self.train_merged:
+            # merged for training: put the original entries back, move the indices, merge again (all O(k))
+            self.unmerge_()
+            try:
+                self.set_indices(indices, values, validate=validate, rebuild_plan=rebuild_plan)
+            finally:
+                self.merge_(train=True)
+            return
         if self.merged:
             raise RuntimeError("set_indices on a merged SparseDeltaLinear: unmerge it first")
         if not validate and values is not None and isinstance(indices, torch.Tensor) and indices.dim() == 1 \
@@ -539,22 +554,33 @@ class SparseDeltaLinear(nn.Linear):
         if self._nf4 is not None:
             return ops.nf4_dequantize_add_delta(self._nf4, self.indices, vals, dtype=dtype or self._nf4.dtype)
         if self.merged:
+            if self.train_merged:
+                self._write_merged_entries()  # values may have moved since the last forward
             out = self.weight.detach().clone()
         else:
             out = ops.merge_delta(self.weight.detach(), self.indices, vals)
         return out if dtype is None else out.to(dtype)
 
     @torch.no_grad()
-    def merge_(self) -> None:
+    def merge_(self, train: bool = False) -> None:
         """Write ``W + delta`` (fp32 sum rounded to W's dtype) into the dense weight's storage in place.
 
         The k original weight entries are saved first (O(k) memory, buffer ``merge_saved``) so :meth:`unmerge_`
-        restores W bit-exactly; ``values`` are kept. While merged the forward is a plain ``F.linear`` (no
-        delta gradient): merge is for inference/export. Dense bases only (``spiel.nn.merge`` handles NF4).
+        restores W bit-exactly; ``values`` are kept. Dense bases only (``spiel.nn.merge`` handles NF4).
+
+        ``train=False`` (inference/export): the forward is a plain ``F.linear`` (no delta gradient).
+        ``train=True``: training goes on merged. Each forward rewrites the k merged entries from ``values``
+        (O(k)) and the GEMMs of forward and backward use the weight as is, so a step runs no merge kernel
+        (three out x in merges per layer per step otherwise, with gradient checkpointing); ``values`` and
+        candidates get the same gradients as unmerged, bit for bit. ``state_dict`` still holds the original
+        weight, and ``set_indices`` works (it unmerges and merges the O(k) entries). Never hand the merged
+        weight to anything else while training: it is W + delta.
         """
         if self._base_kind != "dense":
             raise TypeError("merge_ works on dense weights only; use spiel.nn.merge(model) for NF4 layers")
         if self.merged:
+            if bool(train) != self.train_merged:
+                raise RuntimeError(f"already merged with train={self.train_merged}: unmerge_() first")
             return
         w = self.weight.data
         if not w.is_contiguous():
@@ -562,6 +588,15 @@ class SparseDeltaLinear(nn.Linear):
         saved = w.view(-1).index_select(0, self.indices.long())
         ops.merge_delta(w, self.indices, self.values.detach(), out=w)
         self.merge_saved = saved
+        self.train_merged = bool(train)
+
+    @torch.no_grad()
+    def _write_merged_entries(self) -> None:
+        """weight[indices] = round(saved + values) with the fp32 (fp64 for fp64 weights) sum of merge_delta."""
+        w = self.weight.data.view(-1)
+        acc = torch.promote_types(torch.float32, w.dtype)
+        merged = torch.add(self.merge_saved.to(acc), self.values.detach().to(acc))  # never in place: saved stays
+        w.index_copy_(0, self.indices.long(), merged.to(w.dtype))
 
     @torch.no_grad()
     def unmerge_(self) -> None:
@@ -570,6 +605,7 @@ class SparseDeltaLinear(nn.Linear):
             return
         self.weight.data.view(-1).index_copy_(0, self.indices.long(), self.merge_saved)
         self.merge_saved = None
+        self.train_merged = False
 
     # ---- device moves and state_dict --------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -595,6 +631,10 @@ class SparseDeltaLinear(nn.Linear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.train_merged:  # checkpoints hold the original weight (a copy with the k entries put back)
+            w = self.weight.detach().clone()
+            w.view(-1).index_copy_(0, self.indices.long(), self.merge_saved)
+            destination[prefix + "weight"] = w
         if self._base_kind == "bnb":
             # bitsandbytes Linear4bit's layout: weight, bias, then the quant state under weight.*
             for key, v in self.weight.quant_state.as_dict(packed=True).items():
@@ -602,6 +642,14 @@ class SparseDeltaLinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if self.train_merged:  # load into the unmerged layer, then merge for training again
+            self.unmerge_()
+            try:
+                self._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                           unexpected_keys, error_msgs)
+            finally:
+                self.merge_(train=True)
+            return
         ik, vk = prefix + "indices", prefix + "values"
         new_idx, new_val = state_dict.get(ik), state_dict.get(vk)
         numel = self.in_features * self.out_features

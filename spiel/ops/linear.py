@@ -4,6 +4,10 @@ Forward: ``y = x @ (W + scatter(indices, values))^T + bias`` with the merged wei
 ``merge_delta`` (or the fused NF4 dequantize + delta) and freed right after the GEMM. Backward rebuilds it
 for ``grad_input`` and takes the delta gradient with ``sddmm`` at the active indices (and candidate
 indices, in the same launch) -- no out x in tensor lives between forward and backward.
+
+``weight_merged=True``: the caller keeps ``W + delta`` in the weight's own storage (a dense weight merged in
+place, see ``SparseDeltaLinear.merge_(train=True)``), so both GEMMs use it as is and only the delta gradient
+is computed: no merge at all in the step.
 """
 from __future__ import annotations
 
@@ -38,13 +42,21 @@ def _sddmm(go, x, indices, out_features, in_features, plan):
     return fn(go, x, indices, out_features, in_features, plan)
 
 
+def _compute_weight(weight, indices, values, dtype, weight_merged):
+    if weight_merged:  # W + delta already in the weight's storage
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    return effective_weight(weight, indices, values, dtype)
+
+
 class _SparseDeltaLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, indices, values, bias, candidates, candidate_values, plan, probe, fp8_weight_grad):
-        merged = effective_weight(weight, indices, values, input.dtype)
+    def forward(ctx, input, weight, indices, values, bias, candidates, candidate_values, plan, probe, fp8_weight_grad,
+                weight_merged):
+        merged = _compute_weight(weight, indices, values, input.dtype, weight_merged)
         output = F.linear(input, merged, None if bias is None else bias.to(input.dtype))
         del merged  # freed here: backward rebuilds it
         ctx.weight = weight  # a reference to the frozen weight, no copy
+        ctx.weight_merged = weight_merged
         ctx.probe = probe
         ctx.fp8_weight_grad = fp8_weight_grad
         ctx.has_bias = bias is not None
@@ -68,7 +80,7 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
         need_input, _, _, need_values, need_bias, _, need_candidates = ctx.needs_input_grad[:7]
         grad_input = grad_values = grad_bias = grad_candidates = None
         if need_input:
-            merged = effective_weight(weight, indices, values, go.dtype)
+            merged = _compute_weight(weight, indices, values, go.dtype, ctx.weight_merged)
             grad_input = (go @ merged).view(input.shape)
             del merged
         if need_values or need_candidates:
@@ -89,14 +101,15 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
             grad_bias = go.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if ctx.probe is not None:
             ctx.probe(go, x)
-        return grad_input, None, None, grad_values, grad_bias, None, grad_candidates, None, None, None
+        return grad_input, None, None, grad_values, grad_bias, None, grad_candidates, None, None, None, None
 
 
 def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.Tensor, values: torch.Tensor,
                         bias: Optional[torch.Tensor] = None, *, candidates: Optional[torch.Tensor] = None,
                         candidate_values: Optional[torch.Tensor] = None, plan: Optional[torch.Tensor] = None,
                         probe: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
-                        validate: Optional[bool] = None, fp8_weight_grad: bool = False) -> torch.Tensor:
+                        validate: Optional[bool] = None, fp8_weight_grad: bool = False,
+                        weight_merged: bool = False) -> torch.Tensor:
     """``input @ (W + scatter(indices, values))^T + bias`` with autograd for input, values and bias.
 
     Args:
@@ -115,6 +128,8 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
         fp8_weight_grad: take the delta gradient (values and candidates) from e4m3 operands with per-row /
             per-column scales (:func:`spiel.ops.sddmm_fp8`: Hopper fp8 tensor cores, ~0.13 relative error
             bound per entry); off by default.
+        weight_merged: ``weight`` (dense only) already holds ``W + scatter(indices, values)``: the GEMMs use it
+            as is (no merge in forward or backward); ``values`` still receives the delta gradient.
 
     Saved for backward: input, indices, values (and candidates, plan) plus a reference to the frozen
     weight. The merged weight is rebuilt in backward, never kept.
@@ -129,6 +144,8 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
         device = weight.device
     else:
         raise TypeError(f"weight must be a torch.Tensor or spiel.quant.NF4Weight, got {type(weight).__name__}")
+    if weight_merged and not isinstance(weight, torch.Tensor):
+        raise TypeError("weight_merged=True needs a dense weight tensor (an NF4 weight cannot hold W + delta)")
     if input.shape[-1] != in_features:
         raise ValueError(f"input must have last dimension {in_features} (in_features), got {tuple(input.shape)}")
     if bias is not None:
@@ -145,13 +162,13 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
             raise ValueError("candidate_values must be given with candidates, of the same length")
         check_indices(candidates, None, out_features * in_features, name="candidates", validate=validate)
     return apply_sparse_delta_linear(input, weight, indices, values, bias, candidates, candidate_values, plan, probe,
-                                     bool(fp8_weight_grad))
+                                     bool(fp8_weight_grad), bool(weight_merged))
 
 
 def apply_sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.Tensor, values: torch.Tensor,
                               bias: Optional[torch.Tensor] = None, candidates: Optional[torch.Tensor] = None,
                               candidate_values: Optional[torch.Tensor] = None, plan: Optional[torch.Tensor] = None,
-                              probe=None, fp8_weight_grad: bool = False) -> torch.Tensor:
+                              probe=None, fp8_weight_grad: bool = False, weight_merged: bool = False) -> torch.Tensor:
     """:func:`sparse_delta_linear` without its argument checks, for callers that hold the layer contract
     (``spiel.nn.SparseDeltaLinear``: shapes, dtypes and devices fixed at construction, indices validated at
     each index update). Under autocast the input is cast to the autocast dtype and the op runs with autocast
@@ -163,6 +180,6 @@ def apply_sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: 
             input = input.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
             return _SparseDeltaLinearFn.apply(input, weight, indices, values, bias, candidates, candidate_values,
-                                              plan, probe, fp8_weight_grad)
+                                              plan, probe, fp8_weight_grad, weight_merged)
     return _SparseDeltaLinearFn.apply(input, weight, indices, values, bias, candidates, candidate_values, plan,
-                                      probe, fp8_weight_grad)
+                                      probe, fp8_weight_grad, weight_merged)

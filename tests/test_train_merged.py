@@ -1,0 +1,152 @@
+"""Training merged (``SparseDeltaLinear.merge_(train=True)``): W + delta stays in the weight's storage, each
+forward refreshes the k merged entries, and the op runs no merge. Everything a training run observes must be
+bit-identical to the unmerged layer: outputs, input and delta gradients (candidates too), optimizer steps,
+index updates by the scheduler, gradient checkpointing, state_dict; unmerge restores W exactly."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import spiel.ops as ops
+import spiel.nn as snn
+from spiel.nn import SparseDeltaLinear
+from spiel.optim import SM3, SparseAdamW
+from spiel.scheduler import SpielScheduler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pair(dtype, values_dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = SparseDeltaLinear(37, 29, bias=bias, density=0.1, dtype=dtype, values_dtype=values_dtype, generator=g)
+    with torch.no_grad():
+        a.values.copy_(torch.randn(a.num_deltas, generator=g).to(values_dtype) * 0.5)
+    b = copy.deepcopy(a)
+    b.merge_(train=True)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+def test_forward_backward_identical(dtype, values_dtype):
+    a, b = _pair(dtype, values_dtype)
+    original = a.weight.detach().clone()
+    assert b.merged and b.train_merged and "training" in repr(b)
+    for step in range(3):
+        x = torch.randn(5, 3, 37, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = a(xa), b(xb)
+        assert torch.equal(ya, yb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(xa.grad, xb.grad)
+        assert torch.equal(a.values.grad, b.values.grad)
+        assert torch.equal(a.bias.grad, b.bias.grad)
+        with torch.no_grad():  # an optimizer-like update between steps: the next forward must see it
+            for layer in (a, b):
+                layer.values.sub_(0.1 * layer.values.grad.to(layer.values.dtype))
+                layer.values.grad = None
+                layer.bias.grad = None
+    # the merged weight is W + delta of the current values; unmerge gives W back bit for bit
+    assert torch.equal(b.merged_weight(), a.merged_weight())
+    b.unmerge_()
+    assert not b.merged and not b.train_merged
+    assert torch.equal(b.weight, original)
+
+
+def test_candidates_and_checkpointing_identical():
+    a, b = _pair(torch.bfloat16)
+    cand = torch.tensor(sorted(set(range(0, 29 * 37, 7)) - set(a.indices.tolist())))[:40]
+    for layer in (a, b):
+        layer.set_candidates(cand)
+    x = torch.randn(6, 37, dtype=torch.bfloat16)
+    outs = []
+    for layer in (a, b):
+        y = checkpoint(layer, x.clone().requires_grad_(), use_reentrant=False)
+        y.float().pow(2).sum().backward()
+        outs.append((y, layer.values.grad, layer.candidate_values.grad))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("mode", ["ag", "ma"])
+def test_training_with_scheduler_identical(mode):
+    """A few reselection cycles with the optimizer and scheduler: same indices, values and losses."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 16))
+        snn.inject(model, density=0.1)
+        return model
+
+    model_a, model_b = build(), build()
+    merged = snn.merge(model_b, train=True)
+    assert merged and all(layer.train_merged for layer in merged.values())
+    runs = []
+    for model in (model_a, model_b):
+        opt = SparseAdamW(model, lr=0.05) if mode == "ag" else SM3(model, lr=0.05)
+        sched = SpielScheduler(model, opt, mode, total_steps=40, reselection_steps=4, accumulation_steps=2,
+                               drop_fraction=0.3)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(14):
+            x = torch.randn(8, 24, generator=g)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        runs.append((model, losses))
+    (ma, la), (mb, lb) = runs
+    assert torch.equal(torch.stack(la), torch.stack(lb))
+    for (na, a), (nb, b) in zip(snn.sparse_delta_modules(ma).items(), snn.sparse_delta_modules(mb).items()):
+        assert torch.equal(a.indices, b.indices), na
+        assert torch.equal(a.values, b.values), na
+        assert b.train_merged
+        assert torch.equal(a.merged_weight(), b.merged_weight()), na
+    # checkpoints of the merged-training model hold the original weights: they load into an unmerged model
+    sd_b = mb.state_dict()
+    for key, value in ma.state_dict().items():
+        assert torch.equal(value, sd_b[key]), key
+    fresh = build()
+    fresh.load_state_dict(sd_b)
+    x = torch.randn(3, 24)
+    assert torch.equal(fresh(x), mb(x))
+    # and loading into a merged-training model keeps it merged and right
+    mb.load_state_dict(ma.state_dict())
+    assert all(layer.train_merged for layer in snn.sparse_delta_modules(mb).values())
+    assert torch.equal(mb(x), ma(x))
+
+
+def test_merge_modes_and_errors():
+    a, b = _pair(torch.float32)
+    with pytest.raises(RuntimeError, match="already merged"):
+        b.merge_()  # inference merge on a training merge
+    b.merge_(train=True)  # idempotent
+    b.unmerge_()
+    b.merge_()
+    with pytest.raises(RuntimeError, match="already merged"):
+        b.merge_(train=True)
+    b.unmerge_()
+    w = torch.randn(29, 38)
+    idx = torch.arange(0, 29 * 38, 5, dtype=torch.int32)
+    with pytest.raises(TypeError, match="weight_merged"):
+        ops.sparse_delta_linear(torch.randn(2, 38), ops.nf4_quantize(w), idx, torch.zeros(idx.numel()),
+                                weight_merged=True)
+
+
+def test_functional_weight_merged_matches_unmerged():
+    a, _ = _pair(torch.bfloat16, bias=False)
+    merged = a.merged_weight()
+    x = torch.randn(4, 37, dtype=torch.bfloat16)
+    va = a.values.detach().clone().requires_grad_()
+    vb = a.values.detach().clone().requires_grad_()
+    ya = ops.sparse_delta_linear(x, a.weight, a.indices, va)
+    yb = ops.sparse_delta_linear(x, merged, a.indices, vb, weight_merged=True)
+    assert torch.equal(ya, yb)
+    ya.float().sum().backward()
+    yb.float().sum().backward()
+    assert torch.equal(va.grad, vb.grad)
