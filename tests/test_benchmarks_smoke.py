@@ -56,7 +56,7 @@ def _by_provider(rows):
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
 def test_bench_e2e_tiny_cpu(tmp_path):
     out_csv = tmp_path / "e2e.csv"
-    providers = ["frozen", "published", "spiel-ag", "spiel-ma", "lora", "spiel-nf4"]
+    providers = ["frozen", "published", "spiel-ag", "spiel-ag-merged", "spiel-ma", "lora", "spiel-nf4"]
     stdout = _run("bench_e2e.py", "--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1",
                   "--reselection-steps", "2", "--accumulation-steps", "1", "--providers", ",".join(providers),
                   "--csv", str(out_csv))
@@ -66,7 +66,7 @@ def test_bench_e2e_tiny_cpu(tmp_path):
     # tiny: hidden 64, intermediate 176, 2 layers, kv dim 32, rank 4 -> 2 * 4 * (2*128 + 2*96 + 3*240)
     matched = 2 * 4 * (2 * 128 + 2 * 96 + 3 * 240)
     expect_ok = {"frozen": True, "published": True, "lora": HAS_PEFT,
-                 "spiel-ag": HAS_SPIEL_TRAINING, "spiel-ma": HAS_SPIEL_TRAINING,
+                 "spiel-ag": HAS_SPIEL_TRAINING, "spiel-ag-merged": HAS_SPIEL_TRAINING, "spiel-ma": HAS_SPIEL_TRAINING,
                  "spiel-nf4": HAS_SPIEL_TRAINING and HAS_BNB}
     for name, ok in expect_ok.items():
         row = rows[name]
@@ -86,7 +86,8 @@ def test_bench_e2e_tiny_cpu(tmp_path):
 
 def test_bench_layer_small_cpu(tmp_path):
     out_csv = tmp_path / "layer.csv"
-    providers = ["frozen", "full", "published", "spiel", "spiel-torch", "spiel-cuda", "lora", "spiel-nf4"]
+    providers = ["frozen", "full", "published", "spiel", "spiel-torch", "spiel-cuda", "spiel-merged", "lora",
+                 "spiel-nf4"]
     stdout = _run("bench_layer.py", "--small", "--device", "cpu", "--shapes", "64x64,96x64", "--rep-ms", "5",
                   "--providers", ",".join(providers), "--csv", str(out_csv))
     assert "bench_layer" in stdout
