@@ -150,3 +150,14 @@ def test_functional_weight_merged_matches_unmerged():
     ya.float().sum().backward()
     yb.float().sum().backward()
     assert torch.equal(va.grad, vb.grad)
+
+
+def test_merge_train_skips_tied_weights():
+    """A weight shared with another module (tied) must not be merged in place for training."""
+    model = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False), nn.Linear(16, 16))
+    model[1].weight = model[0].weight  # tied
+    snn.inject(model, density=0.2)
+    with pytest.warns(UserWarning, match="tied"):
+        merged = snn.merge(model, train=True)
+    assert set(merged) == {"2"}
+    assert not model[0].merged and not model[1].merged and model[2].train_merged

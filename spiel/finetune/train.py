@@ -290,6 +290,10 @@ def prepare_method(model: nn.Module, kind: str, cfg: RunConfig) -> Prepared:
             num_tunable = cfg.num_tunable or lora_matched_num_tunable(model, names, cfg.lora_r)
             budget = {"num_tunable": num_tunable}
         spiel.nn.inject(model, target_modules=names, seed=cfg.seed, **budget)
+        if not cfg.load_4bit:
+            # train merged: W + delta stays in each (untied) dense weight and a step runs no merge (the same
+            # numbers bit for bit; ~3x faster spiel steps on CPU where the merge is the reference backend)
+            spiel.nn.merge(model, train=True)
         for p in head:
             p.requires_grad_(True)
         adapter = [p for n, p in model.named_parameters() if p.requires_grad and not _is_head(n, kind)]

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from collections import OrderedDict
@@ -306,7 +307,9 @@ def merge(model: nn.Module, *, requantize: bool = False, dtype: Optional[torch.d
     """Fold every layer's delta into its weight (for inference / export); :func:`unmerge` undoes it.
 
     ``train=True``: merge the dense layers for *training* (:meth:`SparseDeltaLinear.merge_` with
-    ``train=True``: no merge kernel in the step, the same gradients) and leave NF4 layers as they are.
+    ``train=True``: no merge kernel in the step, the same gradients) and leave NF4 layers as they are, and
+    dense layers whose weight storage is shared with another parameter or buffer of the model (tied weights:
+    merging in place would change the other one), with a warning.
 
     - Dense bases (bf16/fp16/fp32): ``W + delta`` (fp32 sum, one rounding) is written into the weight's own
       storage in place; the k original weight entries are saved (O(k) memory) and ``values`` kept, so
@@ -323,8 +326,19 @@ def merge(model: nn.Module, *, requantize: bool = False, dtype: Optional[torch.d
     out: "OrderedDict[str, nn.Module]" = OrderedDict()
     mapping: Dict[int, nn.Module] = {}
     warned = False
+    uses: Dict[int, int] = {}
+    if train:
+        for _, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                    model.named_buffers(remove_duplicate=False)):
+            if t is not None and t.numel():
+                key = t.untyped_storage().data_ptr()
+                uses[key] = uses.get(key, 0) + 1
     for name, layer in sparse_delta_modules(model).items():
         if not layer.is_quantized:
+            if train and uses.get(layer.weight.untyped_storage().data_ptr(), 0) > 1:
+                warnings.warn(f"spiel.nn.merge(train=True): {name}.weight shares its storage with another tensor "
+                              "of the model (tied weights); that layer trains unmerged", stacklevel=2)
+                continue
             layer.merge_(train=train)
             out[name] = layer
             continue
