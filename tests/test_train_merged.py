@@ -161,3 +161,30 @@ def test_merge_train_skips_tied_weights():
         merged = snn.merge(model, train=True)
     assert set(merged) == {"2"}
     assert not model[0].merged and not model[1].merged and model[2].train_merged
+
+
+def test_load_deltas_and_restore_while_train_merged(tmp_path):
+    import spiel
+
+    def build(density):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        snn.inject(model, density=density)
+        return model
+
+    a = build(0.2)
+    with torch.no_grad():
+        for layer in snn.sparse_delta_modules(a).values():
+            layer.values.normal_()
+    path = tmp_path / "deltas.safetensors"
+    spiel.save_deltas(a, path)
+    b = build(0.1)
+    originals = {n: m.weight.detach().clone() for n, m in snn.sparse_delta_modules(b).items()}
+    snn.merge(b, train=True)
+    spiel.load_deltas(b, path)  # a different k: the layers resize and stay merged for training
+    x = torch.randn(4, 16)
+    assert torch.equal(a(x), b(x))
+    assert all(layer.train_merged for layer in snn.sparse_delta_modules(b).values())
+    snn.restore(b)
+    for name, w in originals.items():
+        assert torch.equal(b.get_submodule(name).weight, w), name

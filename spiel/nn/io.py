@@ -114,7 +114,8 @@ def load_deltas(model: nn.Module, path: PathLike, *, strict: bool = True,
         module = modules.get(name)
         if module is None:
             raise ValueError(f"load_deltas: module {name!r} of {os.fspath(path)!r} is not in the model")
-        if "_spiel_unmerge" in module.__dict__ or (isinstance(module, SparseDeltaLinear) and module.merged):
+        if "_spiel_unmerge" in module.__dict__ or (isinstance(module, SparseDeltaLinear) and module.merged
+                                                   and not module.train_merged):  # merged for training: fine
             raise ValueError(f"load_deltas: module {name!r} is merged; call spiel.nn.unmerge(model) first")
         if not isinstance(module, SparseDeltaLinear) and not _is_linear_like(module):
             raise ValueError(f"load_deltas: module {name!r} is a {type(module).__name__}, not a linear layer")
