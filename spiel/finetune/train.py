@@ -292,7 +292,7 @@ def prepare_method(model: nn.Module, kind: str, cfg: RunConfig) -> Prepared:
         spiel.nn.inject(model, target_modules=names, seed=cfg.seed, **budget)
         if not cfg.load_4bit:
             # train merged: W + delta stays in each (untied) dense weight and a step runs no merge (the same
-            # numbers bit for bit; ~3x faster spiel steps on CPU where the merge is the reference backend)
+            # numbers bit for bit)
             spiel.nn.merge(model, train=True)
         for p in head:
             p.requires_grad_(True)

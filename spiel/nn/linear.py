@@ -585,25 +585,25 @@ class SparseDeltaLinear(nn.Linear):
         w = self.weight.data
         if not w.is_contiguous():
             raise ValueError("merge_ needs a contiguous weight")
-        saved = w.view(-1).index_select(0, self.indices.long())
-        ops.merge_delta(w, self.indices, self.values.detach(), out=w)
-        self.merge_saved = saved
+        self.merge_saved = w.view(-1)[self.indices]
         self.train_merged = bool(train)
+        self._write_merged_entries()  # only the k entries change: O(k), not a pass over W
 
     @torch.no_grad()
     def _write_merged_entries(self) -> None:
-        """weight[indices] = round(saved + values) with the fp32 (fp64 for fp64 weights) sum of merge_delta."""
+        """weight[indices] = round(saved + values) with the fp32 (fp64 for fp64 weights) sum of merge_delta.
+        Runs at every forward of a layer merged for training: a few O(k) launches, no int64 copy of indices."""
         w = self.weight.data.view(-1)
         acc = torch.promote_types(torch.float32, w.dtype)
         merged = torch.add(self.merge_saved.to(acc), self.values.detach().to(acc))  # never in place: saved stays
-        w.index_copy_(0, self.indices.long(), merged.to(w.dtype))
+        w.index_put_((self.indices,), merged.to(w.dtype))
 
     @torch.no_grad()
     def unmerge_(self) -> None:
         """Undo :meth:`merge_` exactly (the saved original entries are written back)."""
         if not self.merged:
             return
-        self.weight.data.view(-1).index_copy_(0, self.indices.long(), self.merge_saved)
+        self.weight.data.view(-1).index_put_((self.indices,), self.merge_saved)
         self.merge_saved = None
         self.train_merged = False
 
@@ -633,7 +633,7 @@ class SparseDeltaLinear(nn.Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.train_merged:  # checkpoints hold the original weight (a copy with the k entries put back)
             w = self.weight.detach().clone()
-            w.view(-1).index_copy_(0, self.indices.long(), self.merge_saved)
+            w.view(-1).index_put_((self.indices,), self.merge_saved)
             destination[prefix + "weight"] = w
         if self._base_kind == "bnb":
             # bitsandbytes Linear4bit's layout: weight, bias, then the quant state under weight.*
