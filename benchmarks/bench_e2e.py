@@ -22,10 +22,13 @@ Providers:
   spiel-ag-merged  the same, trained merged (spiel.nn.merge(model, train=True): W + delta kept in the weight,
                  no merge kernel in the step)
   spiel-ma       spiel.nn.inject + spiel.optim.SM3 + SpielScheduler(mode="ma")
+  spiel-ma-bf16  the same with bf16 deltas (values_dtype=torch.bfloat16, as the published code keeps them;
+                 SM3 adds its fp32 update with one rounding): 6 instead of 8 bytes per delta plus the grad
   frozen-nf4     bitsandbytes NF4 base (blocksize 64, double quant, bf16 compute), nothing trainable
   qlora          NF4 base + peft prepare_model_for_kbit_training + LoRA r (peft defaults), AdamW
   published-nf4  published SpIEL math on the NF4 base (bnb dequantize + scatter + GEMM, dense dW)
   spiel-nf4      NF4 base + spiel.nn.inject (AG: SparseAdamW + SpielScheduler)
+  spiel-nf4-ma-bf16  NF4 base + spiel.nn.inject with bf16 deltas (MA: SM3 + SpielScheduler(mode="ma"))
 Step time is averaged over a window of --steps steps (default 2 x reselection_steps = 40 for spiel, so the
 window holds the index updates) after a warm-up (one full reselection cycle for spiel); each step is also
 timed alone and classified as an update step (candidate probe / accumulation / reselection) or not, so the
@@ -62,13 +65,14 @@ SHAPES = {
                 rank=16),
     "tiny": dict(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=512, seq=64, rank=4),
 }
-ALL_PROVIDERS = ["frozen", "lora", "lora-bf16", "published", "spiel-ag", "spiel-ag-merged", "spiel-ma", "frozen-nf4",
-                 "qlora", "published-nf4", "spiel-nf4"]
+ALL_PROVIDERS = ["frozen", "lora", "lora-bf16", "published", "spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-ma-bf16",
+                 "frozen-nf4", "qlora", "published-nf4", "spiel-nf4", "spiel-nf4-ma-bf16"]
 # in order of importance (a spent time budget drops the last ones)
 DEFAULT_PROVIDERS = ["frozen", "published", "spiel-ag", "spiel-ag-merged", "lora", "spiel-ma", "published-nf4",
                      "spiel-nf4", "qlora", "frozen-nf4"]
-NF4_PROVIDERS = {"frozen-nf4", "qlora", "published-nf4", "spiel-nf4"}
-SPIEL_PROVIDERS = {"spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-nf4"}
+NF4_PROVIDERS = {"frozen-nf4", "qlora", "published-nf4", "spiel-nf4", "spiel-nf4-ma-bf16"}
+SPIEL_PROVIDERS = {"spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-ma-bf16", "spiel-nf4", "spiel-nf4-ma-bf16"}
+MA_PROVIDERS = {"spiel-ma", "spiel-ma-bf16", "spiel-nf4-ma-bf16"}
 DEFAULT_70B = ["frozen-nf4", "qlora", "spiel-nf4"]
 REFERENCE = {p: ("frozen-nf4" if p in NF4_PROVIDERS else "frozen") for p in ALL_PROVIDERS}
 GIB = 2**30
@@ -191,7 +195,7 @@ def spiel_layers(model):
                                                                                      nn.Parameter)]
 
 
-def inject_matched(model, rank: int, notes: list):
+def inject_matched(model, rank: int, notes: list, values_dtype=torch.float32):
     """spiel.nn.inject with each module's k = rank * (in + out) (the LoRA-matched count)."""
     snn = P.import_optional("spiel.nn")
     inject = getattr(snn, "inject", None)
@@ -200,10 +204,10 @@ def inject_matched(model, rank: int, notes: list):
     per_module = {name: P.lora_count(m.in_features, m.out_features, rank)
                   for _, _, name, m in P.target_modules(model)}
     try:
-        inject(model, target_modules=list(P.LINEAR_TARGETS), num_deltas=per_module)
+        inject(model, target_modules=list(P.LINEAR_TARGETS), num_deltas=per_module, values_dtype=values_dtype)
     except TypeError:  # an inject without per-module counts: one call per module name
         for suffix, (k, _, _) in module_counts(model, rank).items():
-            inject(model, target_modules=[suffix], num_deltas=k)
+            inject(model, target_modules=[suffix], num_deltas=k, values_dtype=values_dtype)
     layers = spiel_layers(model)
     if not layers:
         raise RuntimeError("spiel.nn.inject replaced no module")
@@ -278,10 +282,11 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
         return model, adamw(values, lr, device), None, []
     if name in SPIEL_PROVIDERS:
         P.spiel_ops()
-        layers = inject_matched(model, rank, notes)
+        values_dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
+        layers = inject_matched(model, rank, notes, values_dtype)
         if name == "spiel-ag-merged":
             P.import_optional("spiel.nn").merge(model, train=True)
-        mode = "ma" if name == "spiel-ma" else "ag"
+        mode = "ma" if name in MA_PROVIDERS else "ag"
         opt, sched = spiel_optimizer_and_scheduler(model, mode, args, total_steps, lr)
         enable_checkpointing(model)
         return model, opt, sched, layers
@@ -506,13 +511,21 @@ def check_targets(by: dict) -> list:
         else:
             checks.append((label, "-", f"<= +{limit} GiB", "n/a"))
 
-    ratio("spiel-ag", "published", 0.85, "spiel-ag / published (step)")
-    ratio("spiel-ag", "lora", 0.65, "spiel-ag / lora (step)")
-    mem("spiel-ag", "lora", 0.7, "spiel-ag peak - lora peak")
+    for ag in ("spiel-ag", "spiel-ag-merged"):
+        if ag == "spiel-ag" or ag in by:
+            ratio(ag, "published", 0.85, f"{ag} / published (step)")
+            ratio(ag, "lora", 0.65, f"{ag} / lora (step)")
+            mem(ag, "lora", 0.7, f"{ag} peak - lora peak")
     ratio("spiel-nf4", "published-nf4", 0.90, "spiel-nf4 / published-nf4 (step)")
     ratio("spiel-nf4", "qlora", 0.55, "spiel-nf4 / qlora (step)")
     mem("spiel-ma", "frozen", 1.0, "spiel-ma peak - frozen peak")
-    for p in ("spiel-ag", "spiel-ma", "spiel-nf4"):
+    if "spiel-ma-bf16" in by:
+        mem("spiel-ma-bf16", "frozen", 1.0, "spiel-ma-bf16 peak - frozen peak")
+    if "spiel-nf4-ma-bf16" in by:
+        mem("spiel-nf4-ma-bf16", "frozen-nf4", 1.0, "spiel-nf4-ma-bf16 peak - frozen-nf4 peak")
+    for p in ("spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-ma-bf16", "spiel-nf4", "spiel-nf4-ma-bf16"):
+        if p not in ("spiel-ag", "spiel-ma", "spiel-nf4") and p not in by:
+            continue
         r = by.get(p)
         o = (r or {}).get("update_overhead")
         if r and r.get("ms_avg") and r.get("n_update") and isinstance(o, float) and math.isfinite(o):

@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-cycle", action="store_true", help="skip the reselection cycle: 3 plain steps, then profile")
     p.add_argument("--probe-block-elements", type=int, default=None,
                    help="AG: dense-gradient elements the probe forms at once (SpielScheduler block_elements)")
+    p.add_argument("--host", action="store_true",
+                   help="also measure the host side of plain steps: device syncs (torch.cuda sync debug mode), the "
+                        "CPU time to enqueue each phase and a cProfile of the Python")
     p.add_argument("--profile-update", action="store_true",
                    help="also profile the index-update steps (the AG probe step through the reselection step, or "
                         "the MA reselection step): kernels and the scheduler's labelled phases")
@@ -76,7 +79,28 @@ def main(argv=None) -> int:
     def peak():
         return torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
 
-    def step(record=False):
+    def step(record=False, marks=None):
+        if marks is not None:  # the host's enqueue time of each phase (no sync inside)
+            t = [time.perf_counter()]
+
+            def mark(name):
+                now = time.perf_counter()
+                marks.setdefault(name, []).append((now - t[0]) * 1e3)
+                t[0] = now
+
+            out = model(input_ids=ids, labels=ids)
+            mark("forward")
+            out.loss.backward()
+            mark("backward")
+            if opt is not None:
+                opt.step()
+            mark("optimizer")
+            if sched is not None:
+                sched.step()
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            mark("scheduler+zero")
+            return
         peak_reset()
         out = model(input_ids=ids, labels=ids)
         if record:
@@ -132,6 +156,8 @@ def main(argv=None) -> int:
     if args.profile_update and sched is not None:
         profile_update_steps(step, sync, sched, layers, S, args.top, cuda)
     if not cuda:
+        if args.host:
+            profile_host(step, sync, args.top, cuda)
         return 0
     from torch.profiler import ProfilerActivity, profile
 
@@ -142,8 +168,9 @@ def main(argv=None) -> int:
         for _ in range(2):
             step()
         sync()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or
-              getattr(e, "self_device_time_total", 0) > 0]
+    # kernels only: an op's own row also carries its kernels' time as self device time (counting both doubled
+    # the busy time printed by session 3's runs)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_dev = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
     sync()
     t = time.perf_counter()
@@ -155,7 +182,58 @@ def main(argv=None) -> int:
           f"({total_dev / wall:.0%} of wall; profiled separately)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if not hasattr(events[0], "self_device_time_total")
                                     else "self_device_time_total", row_limit=args.top, max_name_column_width=60))
+    if args.host:
+        profile_host(step, sync, args.top, cuda)
     return 0
+
+
+def profile_host(step, sync, top: int, cuda: bool) -> None:
+    """The host side of plain steps: is the step launch-bound, and where does the CPU time go?"""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    # 1. device syncs: the sync debug mode warns at each synchronizing call
+    if cuda:
+        sync()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message).lower()]
+        print(f"\n== host: device syncs in one plain step: {len(syncs)}")
+        for line in sorted(set(syncs))[:10]:
+            print(f"   {line}")
+    # 2. CPU time to enqueue each phase, the device drained first (phases run ahead of the GPU unless the launch
+    #    queue fills): the enqueue total against the wall time says whether the step is launch-bound
+    marks = {}
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        step(marks=marks)
+        t_end = time.perf_counter()
+        sync()
+        marks.setdefault("enqueue total", []).append((t_end - t0) * 1e3)
+        marks.setdefault("wall (drained)", []).append((time.perf_counter() - t0) * 1e3)
+    print("== host: ms per plain step (median of 3)")
+    for name, v in marks.items():
+        print(f"   {name:16s} {statistics.median(v):8.1f}")
+    # 3. Python: cProfile of two plain steps
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2):
+        step()
+    sync()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    print("== host: cProfile of two plain steps (by own time)")
+    print("\n".join(line for line in buf.getvalue().splitlines() if line.strip()))
 
 
 def profile_update_steps(step, sync, sched, layers, S, top, cuda) -> None:
@@ -182,12 +260,16 @@ def profile_update_steps(step, sync, sched, layers, S, top, cuda) -> None:
         sync()
     rows = prof.key_averages()
     print(f"\n== index-update steps profiled: {n} steps from the probe to the reselection")
-    print("   scheduler phases (CPU total = wall of the phase incl. launches; device = kernels inside it):")
+    print("   scheduler phases: 'host' rows = the range on the CPU (CPU total = wall of the phase incl. launches;\n"
+          "   device = kernels launched inside it); 'gpu' rows = the same range's span on the GPU timeline")
     for e in rows:
         if e.key.startswith("spiel.scheduler."):
             dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
-            print(f"  {e.key:28s} calls {e.count:4d}  CPU total {e.cpu_time_total / 1e3:8.1f} ms  "
-                  f"device {dev / 1e3:8.1f} ms")
+            if e.device_type == torch.autograd.DeviceType.CPU:
+                print(f"  {e.key:28s} host calls {e.count:4d}  CPU total {e.cpu_time_total / 1e3:8.1f} ms  "
+                      f"device {dev / 1e3:8.1f} ms")
+            else:
+                print(f"  {e.key:28s} gpu  calls {e.count:4d}  span on the GPU {dev / 1e3:8.1f} ms")
     if cuda:
         key = "self_device_time_total" if hasattr(rows[0], "self_device_time_total") else "self_cuda_time_total"
         print(rows.table(sort_by=key, row_limit=top, max_name_column_width=60))

@@ -56,7 +56,8 @@ def _by_provider(rows):
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
 def test_bench_e2e_tiny_cpu(tmp_path):
     out_csv = tmp_path / "e2e.csv"
-    providers = ["frozen", "published", "spiel-ag", "spiel-ag-merged", "spiel-ma", "lora", "spiel-nf4"]
+    providers = ["frozen", "published", "spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-ma-bf16", "lora", "spiel-nf4",
+                 "spiel-nf4-ma-bf16"]
     stdout = _run("bench_e2e.py", "--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1",
                   "--reselection-steps", "2", "--accumulation-steps", "1", "--providers", ",".join(providers),
                   "--csv", str(out_csv))
@@ -67,7 +68,8 @@ def test_bench_e2e_tiny_cpu(tmp_path):
     matched = 2 * 4 * (2 * 128 + 2 * 96 + 3 * 240)
     expect_ok = {"frozen": True, "published": True, "lora": HAS_PEFT,
                  "spiel-ag": HAS_SPIEL_TRAINING, "spiel-ag-merged": HAS_SPIEL_TRAINING, "spiel-ma": HAS_SPIEL_TRAINING,
-                 "spiel-nf4": HAS_SPIEL_TRAINING and HAS_BNB}
+                 "spiel-ma-bf16": HAS_SPIEL_TRAINING, "spiel-nf4": HAS_SPIEL_TRAINING and HAS_BNB,
+                 "spiel-nf4-ma-bf16": HAS_SPIEL_TRAINING and HAS_BNB}
     for name, ok in expect_ok.items():
         row = rows[name]
         if not ok:

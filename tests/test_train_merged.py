@@ -188,3 +188,41 @@ def test_load_deltas_and_restore_while_train_merged(tmp_path):
     snn.restore(b)
     for name, w in originals.items():
         assert torch.equal(b.get_submodule(name).weight, w), name
+
+
+def test_merged_entries_written_only_when_values_change(monkeypatch):
+    """The forward rewrites the k entries only after values (or indices, or the weight) changed: once per
+    optimizer step, not again in a checkpoint's recompute; every kind of change is still seen."""
+    a, b = _pair(torch.float32)
+    writes = []
+    original = SparseDeltaLinear._write_merged_entries
+    monkeypatch.setattr(SparseDeltaLinear, "_write_merged_entries",
+                        lambda self: (writes.append(1), original(self))[1])
+    x = torch.randn(4, 37, requires_grad=True)
+
+    def check():
+        ya = checkpoint(a, x, use_reentrant=False)
+        yb = checkpoint(b, x, use_reentrant=False)
+        assert torch.equal(ya, yb)
+        (ya.sum() + yb.sum()).backward()
+        assert torch.equal(a.values.grad, b.values.grad)
+        a.values.grad = b.values.grad = None
+
+    check()
+    assert len(writes) == 0  # merge_ wrote them; nothing changed since
+    for change in ("inplace", "set_indices", "weight_copy"):
+        before = len(writes)
+        with torch.no_grad():
+            if change == "inplace":  # an optimizer step
+                for layer in (a, b):
+                    layer.values.mul_(0.5).add_(0.25)
+            elif change == "set_indices":
+                idx = snn.random_indices(37 * 29, a.num_deltas + 3, generator=torch.Generator().manual_seed(5))
+                for layer in (a, b):
+                    layer.set_indices(idx)
+            else:  # someone writes the Parameter itself: the k entries are refreshed on top of it
+                w = a.weight.detach().clone()
+                a.weight.copy_(w)
+                b.weight.copy_(b.weight.detach().clone())
+        check()  # forward + recompute + backward
+        assert len(writes) - before == 1, change  # set_indices: its merge_ writes, the forwards find them current

@@ -320,6 +320,7 @@ class SparseDeltaLinear(nn.Linear):
         # merged in place *for training* (merge_(train=True)): the forward refreshes the k merged entries
         # from values and the op runs on the weight as is, taking only the delta gradient
         self.train_merged: bool = False
+        self._merged_written: Optional[tuple] = None  # _merged_key() at the last write of the merged entries
         self._rebuild_plan()
 
     def _refresh_nf4(self) -> None:
@@ -386,9 +387,9 @@ class SparseDeltaLinear(nn.Linear):
         if input.device != self.indices.device:
             raise ValueError(f"input is on {input.device} but the layer is on {self.indices.device}")
         probe = self.gradient_probe
-        if self.train_merged:
-            # values may have changed since the last forward (an optimizer step): refresh the k merged entries
-            # (O(k); idempotent, so a checkpoint's recompute may repeat it) instead of merging out x in twice
+        if self.train_merged and (torch.compiler.is_compiling() or self._merged_key() != self._merged_written):
+            # values changed since the last write (an optimizer step, an index update): refresh the k merged
+            # entries (O(k)) instead of merging out x in twice; a checkpoint's recompute finds them current
             self._write_merged_entries()
         # the layer holds the op's contract (shapes and dtypes fixed here, indices validated at every index
         # update): skip the functional wrapper's checks, ~40 us of Python per call on a launch-bound step
@@ -569,8 +570,10 @@ class SparseDeltaLinear(nn.Linear):
         restores W bit-exactly; ``values`` are kept. Dense bases only (``spiel.nn.merge`` handles NF4).
 
         ``train=False`` (inference/export): the forward is a plain ``F.linear`` (no delta gradient).
-        ``train=True``: training goes on merged. Each forward rewrites the k merged entries from ``values``
-        (O(k)) and the GEMMs of forward and backward use the weight as is, so a step runs no merge kernel
+        ``train=True``: training goes on merged. A forward rewrites the k merged entries from ``values`` (O(k))
+        when they changed since the last write (version counters: change ``values`` in place or through an
+        optimizer, not through ``values.data``), and the GEMMs of forward and backward use the weight as is, so
+        a step runs no merge kernel
         (three out x in merges per layer per step otherwise, with gradient checkpointing); ``values`` and
         candidates get the same gradients as unmerged, bit for bit. ``state_dict`` still holds the original
         weight, and ``set_indices`` works (it unmerges and merges the O(k) entries). Never hand the merged
@@ -589,14 +592,23 @@ class SparseDeltaLinear(nn.Linear):
         self.train_merged = bool(train)
         self._write_merged_entries()  # only the k entries change: O(k), not a pass over W
 
+    def _merged_key(self) -> tuple:
+        # what the merged entries were written from: any in-place change (the optimizer's step bumps the
+        # values' version counter), a swapped tensor (set_indices, .to()) or an outside write to the weight
+        # Parameter (load_state_dict's copy_) makes the key differ. Host-side only: no sync.
+        v, i, w = self.values, self.indices, self.weight
+        return (v.data_ptr(), v._version, i.data_ptr(), i._version, w.data_ptr(), w._version)
+
     @torch.no_grad()
     def _write_merged_entries(self) -> None:
         """weight[indices] = round(saved + values) with the fp32 (fp64 for fp64 weights) sum of merge_delta.
-        Runs at every forward of a layer merged for training: a few O(k) launches, no int64 copy of indices."""
-        w = self.weight.data.view(-1)
+        Runs at the forwards of a layer merged for training whose values changed: a few O(k) launches, no
+        int64 copy of indices."""
+        w = self.weight.data.view(-1)  # .data: the write does not bump the Parameter's version counter
         acc = torch.promote_types(torch.float32, w.dtype)
         merged = torch.add(self.merge_saved.to(acc), self.values.detach().to(acc))  # never in place: saved stays
         w.index_put_((self.indices,), merged.to(w.dtype))
+        self._merged_written = self._merged_key()
 
     @torch.no_grad()
     def unmerge_(self) -> None:
@@ -606,6 +618,7 @@ class SparseDeltaLinear(nn.Linear):
         self.weight.data.view(-1).index_put_((self.indices,), self.merge_saved)
         self.merge_saved = None
         self.train_merged = False
+        self._merged_written = None
 
     # ---- device moves and state_dict --------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
