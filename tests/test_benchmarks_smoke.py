@@ -168,7 +168,12 @@ def test_bench_select_small_cpu(tmp_path):
 @pytest.mark.skipif(not (HAS_TRANSFORMERS and HAS_SPIEL_TRAINING), reason="transformers not installed")
 def test_profile_e2e_update_phases_cpu():
     stdout = _run("profile_e2e.py", "--provider", "spiel-ag", "--model", "tiny", "--device", "cpu",
-                  "--reselection-steps", "4", "--accumulation-steps", "2", "--profile-update")
+                  "--reselection-steps", "4", "--accumulation-steps", "2", "--profile-update", "--host")
     assert "index-update steps profiled" in stdout
     for phase in ("probe", "install", "harvest", "update", "apply"):
-        assert f"spiel.scheduler.{phase}" in stdout, phase
+        assert f"spiel.scheduler.{phase} " in stdout, phase
+    # --host: the enqueue time of each phase of a plain step and a cProfile naming spiel's layer
+    assert "== host: ms per plain step" in stdout
+    for phase in ("forward", "backward", "optimizer", "enqueue total", "wall (drained)"):
+        assert f"   {phase}" in stdout, phase
+    assert "cProfile of two plain steps" in stdout and "spiel/ops/linear.py" in stdout
