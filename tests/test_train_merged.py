@@ -226,3 +226,21 @@ def test_merged_entries_written_only_when_values_change(monkeypatch):
                 b.weight.copy_(b.weight.detach().clone())
         check()  # forward + recompute + backward
         assert len(writes) - before == 1, change  # set_indices: its merge_ writes, the forwards find them current
+
+
+def test_merged_op_does_not_save_values():
+    """Trained merged, backward needs no values (the weight holds W + delta): the op saves input and indices
+    only, i.e. one saved-tensor hook pair less per layer under gradient checkpointing; gradients unchanged."""
+    a, b = _pair(torch.float32)
+    x = torch.randn(3, 37, requires_grad=True)
+    packed = {}
+    for name, layer in (("unmerged", a), ("merged", b)):
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (seen.append(t), t)[1], lambda t: t):
+            y = layer(x)
+        packed[name] = seen
+        y.sum().backward()
+    assert any(t is a.values or t.data_ptr() == a.values.data_ptr() for t in packed["unmerged"])
+    assert not any(t.data_ptr() == b.values.data_ptr() for t in packed["merged"])
+    assert len(packed["merged"]) == len(packed["unmerged"]) - 1
+    assert torch.equal(a.values.grad, b.values.grad)

@@ -62,7 +62,10 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.has_candidates = candidates is not None
-        ctx.save_for_backward(input, indices, values, candidates, plan)
+        ctx.values_dtype = values.dtype
+        # merged: backward never reads the values (the weight holds W + delta), so they are not saved -- under
+        # gradient checkpointing each saved tensor costs a pack and an unpack hook per layer and step
+        ctx.save_for_backward(input, indices, None if weight_merged else values, candidates, plan)
         return output
 
     @staticmethod
@@ -90,13 +93,13 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
                 both = torch.cat([indices, candidates.to(indices.dtype)])
                 grads = (torch.ops.spiel.sddmm_fp8(go, x, both, out_features, in_features) if fp8 else
                          _sddmm(go, x, both, out_features, in_features, plan))
-                grad_values = grads[:k].to(values.dtype) if need_values else None
+                grad_values = grads[:k].to(ctx.values_dtype) if need_values else None
                 grad_candidates = grads[k:]
             elif fp8:
-                grad_values = torch.ops.spiel.sddmm_fp8(go, x, indices, out_features, in_features).to(values.dtype)
+                grad_values = torch.ops.spiel.sddmm_fp8(go, x, indices, out_features, in_features).to(ctx.values_dtype)
             else:
                 grads = _sddmm(go, x, indices, out_features, in_features, None if ctx.has_candidates else plan)
-                grad_values = grads.to(values.dtype)
+                grad_values = grads.to(ctx.values_dtype)
         if need_bias:
             grad_bias = go.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if ctx.probe is not None:
@@ -131,8 +134,8 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
         weight_merged: ``weight`` (dense only) already holds ``W + scatter(indices, values)``: the GEMMs use it
             as is (no merge in forward or backward); ``values`` still receives the delta gradient.
 
-    Saved for backward: input, indices, values (and candidates, plan) plus a reference to the frozen
-    weight. The merged weight is rebuilt in backward, never kept.
+    Saved for backward: input, indices, values (not with ``weight_merged``; and candidates, plan) plus a
+    reference to the frozen weight. The merged weight is rebuilt in backward, never kept.
     """
     check_tensor("input", input, dtypes=_DTYPES)
     if isinstance(weight, NF4Weight):
