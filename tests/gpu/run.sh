@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build spiel._C, run the GPU tests, compute-sanitizer on the CUDA kernels and the
 # benchmarks, then print a short summary. Stages (default: all but e2e):
-#   tests/gpu/run.sh [build] [test] [sanitize] [tune] [bench] [e2e] [e2e70b] [profile]
+#   tests/gpu/run.sh [build] [test] [sanitize] [tune] [bench] [e2e] [e2e1b] [e2e70b] [profile]
 # (each device call is limited to 10 minutes: build+test+sanitize+tune+bench fit one call, e2e another,
 #  e2e70b + profile a third; every later call needs `build` first on a fresh machine)
 # Logs go to $OUT (default /tmp/spiel-gpu). bitsandbytes wheels in .whl/ are installed to /tmp/site first.
@@ -83,6 +83,14 @@ if has e2e; then
     ${E2E_ARGS:-} >"$OUT/bench_e2e.log" 2>&1; rc=$?
   tail -40 "$OUT/bench_e2e.log"
   note "bench_e2e: rc $rc"
+fi
+
+if has e2e1b; then
+  # the 1B-class table (smaller GPUs); every provider, ~6 min on an H100
+  timeout 560 python3 benchmarks/bench_e2e.py --model 1b --provider-timeout 120 --budget-s 540 --csv "$OUT/results.csv" \
+    ${E2E_ARGS:-} >"$OUT/bench_e2e_1b.log" 2>&1; rc=$?
+  tail -40 "$OUT/bench_e2e_1b.log"
+  note "bench_e2e 1b: rc $rc"
 fi
 
 if has e2e70b; then
