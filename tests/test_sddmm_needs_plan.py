@@ -75,3 +75,27 @@ def test_rebuild_sddmm_plans_matches_per_layer_rebuild():
         assert (layer.sddmm_plan is None) == (plan is None)
         if plan is not None:
             assert torch.equal(layer.sddmm_plan, plan)
+
+
+@pytest.mark.parametrize("budget", [None, 1000])
+def test_presence_counts_batched_match_a_direct_count(monkeypatch, budget):
+    """Layers of one shape and k are counted together (in chunks of COUNT_BATCH_ELEMENTS entries): the counts
+    equal a direct count of distinct tiles, rows and columns per layer, for int32 and int64 indices."""
+    if budget is not None:
+        monkeypatch.setattr(P, "COUNT_BATCH_ELEMENTS", budget)
+    gen = torch.Generator().manual_seed(3)
+    items = []
+    for (out_f, in_f), k, n_layers in [((300, 200), 600, 5), ((1000, 300), 37, 3), ((129, 257), 1, 2),
+                                       ((2048, 512), 4000, 1)]:
+        for j in range(n_layers):
+            kind = "random" if j % 2 == 0 else "concentrated"
+            idx = _indices(out_f, in_f, k, kind, gen)
+            items.append((idx.to(torch.int32 if j % 3 else torch.int64), out_f, in_f))
+    items.append((torch.empty(0, dtype=torch.int64), 64, 64))
+    got = P.presence_counts(items)
+    assert set(got) == set(range(len(items) - 1))  # k = 0 has no counts
+    for i, (idx, out_f, in_f) in enumerate(items[:-1]):
+        r, c = idx.long() // in_f, idx.long() % in_f
+        ntr, ntc = P.grid_dims(out_f, in_f)
+        tiles = ((r // P.TILE) * ntc + c // P.TILE).unique().numel()
+        assert got[i] == [tiles, r.unique().numel(), c.unique().numel()], i

@@ -240,6 +240,7 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
 # 4096 x 4096 layer in one band and an 11008 x 4096 one in three, so each call launches a few large GEMMs
 # (16 MiB bands cost ~10 launches per call: CPU-bound at T = 2048, see benchmarks/NOTES.md "profile")
 BAND_BYTES = 64 << 20
+_INT32_MAX = 2 ** 31 - 1
 
 
 def band_rows(rows: int, cols: int) -> int:
@@ -292,36 +293,56 @@ def needs_plan(indices: torch.Tensor, out_features: int, in_features: int, *, T_
     return needs_plan_many([(indices, out_features, in_features)], T_hint=T_hint)[0]
 
 
+#: Most index entries one batched count of :func:`needs_plan_many` works on (bounds its temporaries: ~16 B per
+#: entry); layers of one shape and k are counted together up to it.
+COUNT_BATCH_ELEMENTS = 1 << 22
+
+
+def presence_counts(items: Sequence[Tuple[torch.Tensor, int, int]]) -> Dict[int, List[int]]:
+    """``i -> [non-empty tiles, used rows, used cols]`` for each item with k > 0, read back with one
+    device-to-host copy per device. Items of one device, shape, k and index dtype are counted as a batch
+    (a fixed number of launches per batch of up to :data:`COUNT_BATCH_ELEMENTS` entries, not per item: an index
+    update of 224 layers is launch-bound otherwise)."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, (indices, out_features, in_features) in enumerate(items):
+        if indices.numel():
+            key = (indices.device, int(out_features), int(in_features), indices.numel(), indices.dtype)
+            groups.setdefault(key, []).append(i)
+    blocks: Dict[torch.device, List[Tuple[List[int], torch.Tensor]]] = {}
+    for (dev, out_f, in_f, k, _), members in groups.items():
+        ntr, ntc = grid_dims(out_f, in_f)
+        per = max(1, COUNT_BATCH_ELEMENTS // k)
+        for start in range(0, len(members), per):
+            chunk = members[start:start + per]
+            L = len(chunk)
+            sizes = (ntr * ntc, out_f, in_f)
+            # int32 arithmetic when every flat position and every lane-offset key fits
+            small = out_f * in_f <= _INT32_MAX and L * max(sizes) <= _INT32_MAX
+            wdt = torch.int32 if small else torch.int64
+            idx = torch.stack([items[i][0].reshape(-1) for i in chunk]).to(wdt)  # [L, k]
+            r = torch.div(idx, in_f, rounding_mode="floor")
+            c = idx.sub_(r * in_f)
+            lane = torch.arange(L, dtype=wdt, device=dev).unsqueeze(1)
+            ones = torch.ones((), dtype=torch.int32, device=dev).expand(L * k)
+            counts = []
+            for key, size in (((r // TILE) * ntc + c // TILE, sizes[0]), (r, sizes[1]), (c, sizes[2])):
+                present = torch.zeros(L * size, dtype=torch.int32, device=dev)
+                present.index_put_(((key + lane * size).reshape(-1),), ones)
+                counts.append(present.view(L, size).sum(1))
+            blocks.setdefault(dev, []).append((chunk, torch.stack(counts, 1)))  # [L, 3]
+    host: Dict[int, List[int]] = {}
+    for parts in blocks.values():  # one read-back per device
+        rows = torch.cat([cnt for _, cnt in parts]).tolist()
+        members = [i for chunk, _ in parts for i in chunk]
+        host.update(zip(members, rows))
+    return host
+
+
 def needs_plan_many(items: Sequence[Tuple[torch.Tensor, int, int]], *, T_hint: int = 4096) -> List[bool]:
     """:func:`needs_plan` for many ``(indices, out_features, in_features)`` at once: the presence maps of every
-    item are counted on its device and read back in one device-to-host copy per device (an index update of
-    224 layers synchronises once instead of 224 times)."""
-    counts: List[Optional[torch.Tensor]] = []
-    for indices, out_features, in_features in items:
-        out_features, in_features = int(out_features), int(in_features)
-        k = indices.numel()
-        if k == 0:
-            counts.append(None)
-            continue
-        dev = indices.device
-        idx = indices.reshape(-1).to(torch.int64)
-        r = torch.div(idx, in_features, rounding_mode="floor")
-        c = idx - r * in_features
-        ntr, ntc = grid_dims(out_features, in_features)
-        ones = torch.ones((), dtype=torch.int32, device=dev).expand(k)
-        tiles = torch.zeros(ntr * ntc, dtype=torch.int32, device=dev).index_put_(((r // TILE) * ntc + c // TILE,),
-                                                                                 ones)
-        rows = torch.zeros(out_features, dtype=torch.int32, device=dev).index_put_((r,), ones)
-        cols = torch.zeros(in_features, dtype=torch.int32, device=dev).index_put_((c,), ones)
-        counts.append(torch.stack([tiles.sum(), rows.sum(), cols.sum()]))
-    host: Dict[int, List[int]] = {}
-    by_device: Dict[torch.device, List[int]] = {}
-    for i, cnt in enumerate(counts):
-        if cnt is not None:
-            by_device.setdefault(cnt.device, []).append(i)
-    for members in by_device.values():  # one read-back per device
-        for i, row in zip(members, torch.stack([counts[i] for i in members]).tolist()):
-            host[i] = row
+    item are counted on its device (batched over items of one shape and k) and read back in one
+    device-to-host copy per device (an index update of 224 layers synchronises once instead of 224 times)."""
+    host = presence_counts(items)
     result = []
     for i, (indices, out_features, in_features) in enumerate(items):
         if i not in host:
