@@ -114,10 +114,12 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
     is_regrown = src < 0
     new_values = values.gather(1, src.clamp(min=0)).masked_fill_(is_regrown, 0)
     reindex = getattr(optimizer, "reindex", None)
-    for i, layer in enumerate(layers):
-        set_indices_trusted(layer, new_indices[i], new_values[i])
+    # one unbind per tensor (L views from one op) instead of 4 L indexing calls: the loop is host-bound
+    for layer, idx, vals, order, fresh in zip(layers, new_indices.unbind(0), new_values.unbind(0), src.unbind(0),
+                                              is_regrown.unbind(0)):
+        set_indices_trusted(layer, idx, vals)
         if callable(reindex):
-            reindex(layer, src[i], is_regrown[i])
+            reindex(layer, order, fresh)
         else:
-            reindex_fallback(optimizer, layer.values, src[i], is_regrown[i])
+            reindex_fallback(optimizer, layer.values, order, fresh)
     rebuild_plans(layers)
