@@ -149,7 +149,7 @@ def make_factories(out_f, in_f, tokens, k, device, dtype, rank, weight_cache):
         P.spiel_ops()
         snn = P.import_optional("spiel.nn")
         base = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
-        base.weight.data = weight()
+        base.weight.data = weight().clone()  # merge_ writes W + delta in place: keep the shared W intact
         mod = snn.SparseDeltaLinear.from_linear(base, num_deltas=k)
         with torch.no_grad():
             mod.values.normal_().mul_(1e-3)  # not zeros: the merged entries differ from W

@@ -1,5 +1,5 @@
-"""The SpIEL-AG candidate probe on one layer: where its time goes (the 7B profile's probe step costs ~0.77 s
-over a plain step, ~3.4 ms per layer).
+"""The SpIEL-AG candidate probe on one layer: where its time goes (in the 7B profiles the probe step costs
+0.4-0.6 s over a plain step, ~2 ms per layer; benchmarks/NOTES.md).
 
     python benchmarks/bench_select.py                 # H100: ~20 s
     python benchmarks/bench_select.py --device cpu --small
@@ -8,7 +8,7 @@ Case: one layer's probe at T = 2048 tokens (the 7B e2e batch) with LoRA-r64-matc
 k = 0.2 x active candidates (the first reselection's regrow count). Providers:
   gemm fp32 out      the dense gradient as fp32, all at once: the floor the probe cannot beat
   probe 2^24 / 2^26  ``top_gradient_entries`` with 16 M / 64 M gradient elements per block (the scheduler's
-                     ``block_elements``; 2^24 is the default)
+                     ``block_elements``; 2^26 is the default)
   block_top          the exact per-block top-k alone on one 2^24-element block
   torch.topk         ``torch.topk`` on the same block (unsorted), for scale
 """

@@ -387,10 +387,8 @@ class SparseDeltaLinear(nn.Linear):
         if input.device != self.indices.device:
             raise ValueError(f"input is on {input.device} but the layer is on {self.indices.device}")
         probe = self.gradient_probe
-        if self.train_merged and (torch.compiler.is_compiling() or self._merged_key() != self._merged_written):
-            # values changed since the last write (an optimizer step, an index update): refresh the k merged
-            # entries (O(k)) instead of merging out x in twice; a checkpoint's recompute finds them current
-            self._write_merged_entries()
+        if self.train_merged:
+            self._refresh_merged_entries()
         # the layer holds the op's contract (shapes and dtypes fixed here, indices validated at every index
         # update): skip the functional wrapper's checks, ~40 us of Python per call on a launch-bound step
         return apply_sparse_delta_linear(
@@ -556,7 +554,7 @@ class SparseDeltaLinear(nn.Linear):
             return ops.nf4_dequantize_add_delta(self._nf4, self.indices, vals, dtype=dtype or self._nf4.dtype)
         if self.merged:
             if self.train_merged:
-                self._write_merged_entries()  # values may have moved since the last forward
+                self._refresh_merged_entries()  # values may have moved since the last forward
             out = self.weight.detach().clone()
         else:
             out = ops.merge_delta(self.weight.detach(), self.indices, vals)
@@ -598,6 +596,12 @@ class SparseDeltaLinear(nn.Linear):
         # Parameter (load_state_dict's copy_) makes the key differ. Host-side only: no sync.
         v, i, w = self.values, self.indices, self.weight
         return (v.data_ptr(), v._version, i.data_ptr(), i._version, w.data_ptr(), w._version)
+
+    def _refresh_merged_entries(self) -> None:
+        """Rewrite the k merged entries if values, indices or the weight changed since the last write (an
+        optimizer step, an index update): once per step, so a checkpoint's recompute finds them current."""
+        if torch.compiler.is_compiling() or self._merged_key() != self._merged_written:
+            self._write_merged_entries()
 
     @torch.no_grad()
     def _write_merged_entries(self) -> None:

@@ -62,7 +62,8 @@ def drop_fraction_at(step: int, total_steps: int, initial: float, schedule: str 
 
 def _labelled(label: str):
     """Name a scheduler phase in torch.profiler traces (``benchmarks/profile_e2e.py --profile-update``); a
-    record_function range costs a few microseconds, once per phase, not per layer."""
+    record_function range costs a few microseconds per call: once per phase, and once per layer for the probe
+    (next to its per-layer GEMM and top-k)."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
