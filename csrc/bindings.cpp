@@ -16,6 +16,9 @@ TORCH_LIBRARY_FRAGMENT(spiel, m) {
   m.def(
       "_cuda_sddmm(Tensor grad_output, Tensor input, Tensor indices, int out_features, "
       "int in_features, Tensor? plan) -> Tensor");
+  m.def(
+      "_cuda_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
@@ -23,6 +26,7 @@ TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
   m.impl("_cuda_nf4_dequantize_add_delta", &spiel::nf4_dequantize_add_delta_cuda);
   m.impl("_cuda_nf4_quantize", &spiel::nf4_quantize_cuda);
   m.impl("_cuda_sddmm", &spiel::sddmm_cuda);
+  m.impl("_cuda_adamw_step_", &spiel::adamw_step_cuda);
 }
 
 // `import spiel._C` loads the library (and with it the registrations above).

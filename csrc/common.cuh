@@ -134,4 +134,10 @@ inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Host-side metadata check of the entry points (no sync).
+inline void check_cuda_contig(const at::Tensor& t, const char* what, const char* name) {
+  TORCH_CHECK(t.is_cuda(), what, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.is_contiguous(), what, ": ", name, " must be contiguous");
+}
+
 }  // namespace spiel

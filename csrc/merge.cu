@@ -319,11 +319,6 @@ int log2_blocksize(int64_t blocksize, const char* what) {
   return l;
 }
 
-void check_cuda_contig(const at::Tensor& t, const char* what, const char* name) {
-  TORCH_CHECK(t.is_cuda(), what, ": ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.is_contiguous(), what, ": ", name, " must be contiguous");
-}
-
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------

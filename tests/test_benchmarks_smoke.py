@@ -165,6 +165,16 @@ def test_bench_select_small_cpu(tmp_path):
     assert all(r["ms"] and float(r["ms"]) > 0 for r in rows), rows
 
 
+def test_bench_optim_small_cpu(tmp_path):
+    out_csv = tmp_path / "optim.csv"
+    stdout = _run("bench_optim.py", "--small", "--device", "cpu", "--csv", str(out_csv))
+    assert "SparseAdamW step, 7B layout" in stdout
+    rows = _rows(out_csv)
+    timed = {r["provider"] for r in rows if r["ms"]}
+    assert {"copy", "foreach"} <= timed, rows
+    assert all("host" in r["note"] for r in rows if r["provider"] == "foreach"), rows
+
+
 @pytest.mark.skipif(not (HAS_TRANSFORMERS and HAS_SPIEL_TRAINING), reason="transformers not installed")
 def test_profile_e2e_update_phases_cpu():
     stdout = _run("profile_e2e.py", "--provider", "spiel-ag", "--model", "tiny", "--device", "cpu",

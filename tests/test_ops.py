@@ -413,3 +413,18 @@ def test_different_devices_rejected():
         pytest.skip("needs a CUDA device to put one tensor elsewhere")
     with pytest.raises(ValueError, match="one device"):
         ops.merge_delta(torch.randn(4, 4), torch.tensor([1], device="cuda"), torch.ones(1))
+
+
+def test_linear_rejects_indices_modified_before_backward():
+    """indices are kept by reference (not saved): an in-place change before backward raises, as autograd would."""
+    weight = torch.randn(6, 5)
+    indices = torch.tensor([0, 7, 29])
+    values = torch.randn(3, requires_grad=True)
+    x = torch.randn(4, 5, requires_grad=True)
+    out = ops.sparse_delta_linear(x, weight, indices, values)
+    indices.add_(0)  # same contents, new version
+    with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+        out.sum().backward()
+    out = ops.sparse_delta_linear(x, weight, indices, values)
+    out.sum().backward()  # untouched since this forward: fine
+    assert values.grad is not None

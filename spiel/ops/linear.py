@@ -64,13 +64,28 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
         ctx.has_candidates = candidates is not None
         ctx.values_dtype = values.dtype
         # merged: backward never reads the values (the weight holds W + delta), so they are not saved -- under
-        # gradient checkpointing each saved tensor costs a pack and an unpack hook per layer and step
-        ctx.save_for_backward(input, indices, None if weight_merged else values, candidates, plan)
+        # gradient checkpointing each saved tensor costs a pack and an unpack hook per layer and step. For the
+        # same reason the indices and the plan (the layer's buffers, only ever replaced between steps) are kept
+        # as plain references in eager mode, with autograd's in-place check done by hand on their versions.
+        ctx.by_reference = not torch.compiler.is_compiling()
+        if ctx.by_reference:
+            ctx.indices, ctx.plan = indices, plan
+            ctx.versions = (indices._version, None if plan is None else plan._version)
+            ctx.save_for_backward(input, None if weight_merged else values, candidates)
+        else:
+            ctx.save_for_backward(input, None if weight_merged else values, candidates, indices, plan)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, indices, values, candidates, plan = ctx.saved_tensors
+        if ctx.by_reference:
+            input, values, candidates = ctx.saved_tensors
+            indices, plan = ctx.indices, ctx.plan
+            if (indices._version, None if plan is None else plan._version) != ctx.versions:
+                raise RuntimeError("sparse_delta_linear: the indices (or their sddmm plan) were modified in place "
+                                   "between forward and backward; replace them between steps instead")
+        else:
+            input, values, candidates, indices, plan = ctx.saved_tensors
         weight = ctx.weight
         out_features = grad_output.shape[-1]
         in_features = input.shape[-1]
@@ -134,8 +149,9 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
         weight_merged: ``weight`` (dense only) already holds ``W + scatter(indices, values)``: the GEMMs use it
             as is (no merge in forward or backward); ``values`` still receives the delta gradient.
 
-    Saved for backward: input, indices, values (not with ``weight_merged``; and candidates, plan) plus a
-    reference to the frozen weight. The merged weight is rebuilt in backward, never kept.
+    Saved for backward: input, values (not with ``weight_merged``) and candidates; references to the frozen
+    weight, the indices and the plan (in-place changes to indices or plan before backward raise). The merged
+    weight is rebuilt in backward, never kept.
     """
     check_tensor("input", input, dtypes=_DTYPES)
     if isinstance(weight, NF4Weight):

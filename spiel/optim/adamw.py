@@ -18,6 +18,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import ops
+from ..ops import _dispatch
+
 __all__ = ["SparseAdamW", "sparse_layers", "is_sparse_layer", "layer_shape", "adamw_foreach", "GROUP_NUMEL"]
 
 
@@ -523,7 +526,11 @@ class SparseAdamW(SparseOptimizerBase):
             updated with plain AdamW (same hyperparameters unless the dict overrides them; fp32-like state in
             the parameter's dtype, one fp32 step count per tensor).
         group_numel: most deltas updated by one sequence of launches (default :data:`GROUP_NUMEL`, read at each
-            step); bounds the step's temporaries.
+            step); bounds the step's temporaries (unfused path only).
+        fused: run the sparse update as :func:`spiel.ops.adamw_step_` (one launch per dtype combination: every
+            tensor read and written once, no temporaries) instead of grouped ``torch._foreach_*`` chains.
+            None (default): fused on CUDA tensors when the op's selected backend there is a kernel (Triton or
+            CUDA), unfused otherwise (CPU). True: always the op (on CPU its reference backend). False: never.
 
     State per sparse layer (O(k)): ``exp_avg`` [k], ``exp_avg_sq`` [k] (``state_dtype``) and ``step`` [k]: a step
     count PER SLOT, so an index regrown by the scheduler restarts Adam's bias correction on its own (regrown
@@ -535,14 +542,14 @@ class SparseAdamW(SparseOptimizerBase):
     grad and index. Transient at the step: two fp32 buffers of one group (8 B x ``group_numel``), plus one per
     list that is not fp32 (bf16 values: 12; bf16 values and moments: 16 B x ``group_numel``). The update runs
     as ~20 launches per group of at most ``group_numel`` deltas (layers are packed into groups in order, a
-    large layer spans several), with no host sync.
+    large layer spans several), with no host sync; fused (default on CUDA), as one launch with no temporaries.
     """
 
     _slot_state = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "step": 0}
 
     def __init__(self, model, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, state_dtype: torch.dtype = torch.float32, maximize: bool = False,
-                 other_params=None, group_numel: Optional[int] = None):
+                 other_params=None, group_numel: Optional[int] = None, fused: Optional[bool] = None):
         lr = _check_float("lr", lr)
         eps = _check_float("eps", eps)
         weight_decay = _check_float("weight_decay", weight_decay)
@@ -551,6 +558,9 @@ class SparseAdamW(SparseOptimizerBase):
             raise TypeError(f"state_dtype must be float32, bfloat16 or float16, got {state_dtype}")
         if group_numel is not None:
             resolve_group_numel(group_numel)
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None or a bool, got {type(fused).__name__}")
+        self.fused = fused
         self.state_dtype = state_dtype
         self.group_numel = group_numel
         hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
@@ -588,10 +598,24 @@ class SparseAdamW(SparseOptimizerBase):
             else:
                 self._compact_step(st, group["betas"])
         beta1, beta2 = group["betas"]
-        adamw_foreach(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                      [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                      eps=group["eps"], weight_decay=group["weight_decay"], maximize=group.get("maximize", False),
-                      group_numel=self.group_numel)
+        hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
+        buckets: Dict[tuple, List[int]] = defaultdict(list)
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            buckets[(p.device, p.dtype, g.dtype, st["exp_avg"].dtype, st["exp_avg_sq"].dtype,
+                     st["step"].dtype)].append(i)
+        for (device, p_dtype, g_dtype, m_dtype, v_dtype, _), sel in buckets.items():
+            lists = ([params[i] for i in sel], [grads[i] for i in sel], [states[i]["exp_avg"] for i in sel],
+                     [states[i]["exp_avg_sq"] for i in sel], [states[i]["step"] for i in sel])
+            if self._use_fused(device) and p_dtype == g_dtype and m_dtype == v_dtype:
+                ops.adamw_step_(*lists, **hyper)
+            else:
+                adamw_foreach(*lists, group_numel=self.group_numel, **hyper)
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self.fused is not None:
+            return self.fused
+        return device.type == "cuda" and _dispatch.select("adamw_step", device)[0] != "torch"
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As :meth:`SparseOptimizerBase.load_state_dict`; per-slot fp32 ``step`` tensors (checkpoints of older

@@ -48,7 +48,7 @@ if has sanitize; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     # sanitize_driver: merge / NF4 kernels; sanitize_sddmm: every sddmm strategy at small shapes
     # (racecheck covers the shared-memory staging and the tile extraction)
-    for script in ${SANITIZE_SCRIPTS:-sanitize_driver sanitize_sddmm}; do
+    for script in ${SANITIZE_SCRIPTS:-sanitize_driver sanitize_sddmm sanitize_adamw}; do
       log="$OUT/${script}_$tool.log"
       if timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 \
            python3 "tests/gpu/$script.py" >"$log" 2>&1; then
@@ -68,7 +68,7 @@ fi
 
 if has bench; then
   # BENCH_SCRIPTS narrows the run (each script has its own 300 s limit, BENCH_TIMEOUT)
-  for script in ${BENCH_SCRIPTS:-bench_forward bench_sddmm bench_layer}; do
+  for script in ${BENCH_SCRIPTS:-bench_forward bench_sddmm bench_layer bench_optim}; do
     if [ -f "benchmarks/$script.py" ]; then
       t0=$(date +%s)
       timeout "${BENCH_TIMEOUT:-300}" python3 "benchmarks/$script.py" --csv "$OUT/results.csv" >"$OUT/$script.log" 2>&1; rc=$?

@@ -1,0 +1,180 @@
+// Fused AdamW with per-slot step counts (spiel::adamw_step_, backend "cuda").
+//
+// One launch per 48 tensors (multi-tensor apply): the tensors' addresses and sizes travel in the kernel's
+// parameter block (2.3 KiB, under the 4 KiB every CUDA version accepts), so there is no table to upload and no
+// host sync. Grid: (blocks of the largest tensor, tensors); CTA (b, i) walks tensor i's elements from
+// b * kElemsPerCta with a grid stride, kUnroll independent elements per thread in flight. Every element is
+// read once and written once (32 B per fp32 delta with fp32 moments and int16 counts).
+//
+// Math per element, fp32 (spiel/ops/adamw.py has the contract):
+//   t = min(t, limit - 1) + 1;  p *= decay;  m += (1 - b1) (g - m);  v = b2 v + (1 - b2) g^2
+//   p -= lr * m / ((sqrt(v) / sqrt(1 - b2^t) + eps) * (1 - b1^t))          (p kept when lr == 0)
+// with b^t = exp2(t log2 b): IEEE sqrt/div (_rn intrinsics), exp2f without fast math.
+#include "common.cuh"
+#include "spiel.h"
+
+namespace spiel {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+constexpr int kElemsPerCta = kThreads * kUnroll;
+constexpr int kMaxTensors = 48;
+constexpr int64_t kMaxGridX = 65535;  // CTAs per tensor: larger tensors are walked with a grid stride
+
+struct AdamWTensors {
+  void* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  void* exp_avg[kMaxTensors];
+  void* exp_avg_sq[kMaxTensors];
+  void* step[kMaxTensors];
+  int64_t numel[kMaxTensors];
+};
+
+struct AdamWHyper {
+  float lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay, last_count;
+  bool maximize;
+};
+
+template <typename S>
+__device__ __forceinline__ float count_to_float(S x) {
+  return static_cast<float>(x);
+}
+template <typename S>
+__device__ __forceinline__ S count_from_float(float x) {
+  return static_cast<S>(x);  // integer-valued and within the dtype's range (saturated above)
+}
+
+template <typename P, typename M, typename S>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensors tensors, const AdamWHyper h) {
+  const int i = blockIdx.y;
+  const int64_t n = tensors.numel[i];
+  P* __restrict__ param = static_cast<P*>(tensors.param[i]);
+  const P* __restrict__ grad = static_cast<const P*>(tensors.grad[i]);
+  M* __restrict__ exp_avg = static_cast<M*>(tensors.exp_avg[i]);
+  M* __restrict__ exp_avg_sq = static_cast<M*>(tensors.exp_avg_sq[i]);
+  S* __restrict__ step = static_cast<S*>(tensors.step[i]);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kElemsPerCta;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kElemsPerCta + threadIdx.x; base < n; base += stride) {
+    float g[kUnroll], m[kUnroll], v[kUnroll], t[kUnroll], p[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll x 5 independent loads in flight
+      const int64_t e = base + u * kThreads;
+      if (e < n) {
+        g[u] = to_float(grad[e]);
+        m[u] = to_float(exp_avg[e]);
+        v[u] = to_float(exp_avg_sq[e]);
+        t[u] = count_to_float(step[e]);
+        p[u] = to_float(param[e]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t e = base + u * kThreads;
+      if (e < n) {
+        const float gu = h.maximize ? -g[u] : g[u];
+        const float tu = __fadd_rn(fminf(t[u], h.last_count), 1.f);
+        const float mu = __fadd_rn(m[u], __fmul_rn(h.one_minus_beta1, __fsub_rn(gu, m[u])));
+        const float vu = __fadd_rn(__fmul_rn(v[u], h.beta2), __fmul_rn(h.one_minus_beta2, __fmul_rn(gu, gu)));
+        float pu = __fmul_rn(p[u], h.decay);
+        if (h.lr != 0.f) {
+          const float bias1 = __fsub_rn(1.f, exp2f(__fmul_rn(tu, h.log2_beta1)));
+          const float bias2 = __fsub_rn(1.f, exp2f(__fmul_rn(tu, h.log2_beta2)));
+          const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vu), __fsqrt_rn(bias2)), h.eps);
+          pu = __fsub_rn(pu, __fmul_rn(h.lr, __fdiv_rn(mu, __fmul_rn(denom, bias1))));
+        }
+        param[e] = from_float<P>(pu);
+        exp_avg[e] = from_float<M>(mu);
+        exp_avg_sq[e] = from_float<M>(vu);
+        step[e] = count_from_float<S>(tu);
+      }
+    }
+  }
+}
+
+// int16 / int32 / fp32 step counts
+#define SPIEL_DISPATCH_COUNT(SCALAR_TYPE, NAME, WHAT, ...)                                   \
+  [&] {                                                                                     \
+    const auto _st = (SCALAR_TYPE);                                                         \
+    switch (_st) {                                                                          \
+      SPIEL_DISPATCH_CASE(at::ScalarType::Short, int16_t, NAME, __VA_ARGS__)                \
+      SPIEL_DISPATCH_CASE(at::ScalarType::Int, int32_t, NAME, __VA_ARGS__)                  \
+      SPIEL_DISPATCH_CASE(at::ScalarType::Float, float, NAME, __VA_ARGS__)                  \
+      default:                                                                              \
+        TORCH_CHECK(false, WHAT, ": unsupported step dtype ", _st, " (expected int16, int32 or fp32)"); \
+    }                                                                                       \
+  }()
+
+}  // namespace
+
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, bool maximize) {
+  constexpr const char* what = "spiel::_cuda_adamw_step_";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, what,
+              ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
+  if (n == 0) return;
+  const auto p_type = params[0].scalar_type();
+  const auto m_type = exp_avgs[0].scalar_type();
+  const auto s_type = steps[0].scalar_type();
+  const auto device = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor* list[5] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &steps[i]};
+    const char* names[5] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "steps"};
+    const at::ScalarType types[5] = {p_type, p_type, m_type, m_type, s_type};
+    for (int j = 0; j < 5; ++j) {
+      check_cuda_contig(*list[j], what, names[j]);
+      TORCH_CHECK(list[j]->device() == device, what, ": ", names[j], "[", i, "] is on ", list[j]->device(),
+                  ", params[0] on ", device);
+      TORCH_CHECK(list[j]->scalar_type() == types[j], what, ": ", names[j], "[", i, "] has dtype ",
+                  list[j]->scalar_type(), ", expected ", types[j]);
+      TORCH_CHECK(list[j]->numel() == params[i].numel(), what, ": ", names[j], "[", i,
+                  "] must have as many elements as params[", i, "]");
+    }
+  }
+  AdamWHyper h;
+  h.lr = static_cast<float>(lr);
+  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.beta2 = static_cast<float>(beta2);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.log2_beta1 = beta1 > 0.0 ? static_cast<float>(std::log2(beta1)) : -INFINITY;
+  h.log2_beta2 = beta2 > 0.0 ? static_cast<float>(std::log2(beta2)) : -INFINITY;
+  h.eps = static_cast<float>(eps);
+  h.decay = static_cast<float>(1.0 - lr * weight_decay);
+  h.last_count = s_type == at::ScalarType::Short ? 32766.f : 16777215.f;
+  h.maximize = maximize;
+  const c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  SPIEL_DISPATCH_FLOAT(p_type, P, what, [&] {
+    SPIEL_DISPATCH_FLOAT(m_type, M, what, [&] {
+      SPIEL_DISPATCH_COUNT(s_type, S, what, [&] {
+        AdamWTensors pack;
+        int count = 0;
+        int64_t largest = 0;
+        auto launch = [&] {
+          const int64_t blocks = std::min(ceil_div(largest, static_cast<int64_t>(kElemsPerCta)), kMaxGridX);
+          adamw_kernel<P, M, S><<<dim3(static_cast<unsigned>(blocks), count), kThreads, 0, stream>>>(pack, h);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          count = 0;
+          largest = 0;
+        };
+        for (size_t i = 0; i < n; ++i) {
+          const int64_t numel = params[i].numel();
+          if (numel == 0) continue;
+          pack.param[count] = params[i].data_ptr();
+          pack.grad[count] = grads[i].data_ptr();
+          pack.exp_avg[count] = exp_avgs[i].data_ptr();
+          pack.exp_avg_sq[count] = exp_avg_sqs[i].data_ptr();
+          pack.step[count] = steps[i].data_ptr();
+          pack.numel[count] = numel;
+          largest = std::max(largest, numel);
+          if (++count == kMaxTensors) launch();
+        }
+        if (count > 0) launch();
+      });
+    });
+  });
+}
+
+}  // namespace spiel

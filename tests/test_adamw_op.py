@@ -1,0 +1,299 @@
+"""``spiel.ops.adamw_step_`` (fused AdamW with per-slot step counts): every backend against float64.
+
+Truth is the same math in float64 (the reference kernel on float64 copies). Each kernel's error is bounded
+by a few times the error the plain fp32 reference makes on the same inputs plus half an ulp of the output
+dtype (its rounding): "tolerances scaled to the error low-precision PyTorch already makes". Step counts must
+match exactly, which also proves every element was updated exactly once. Tensors are views at odd offsets
+inside guard buffers filled with NaN: a write outside a tensor shows up in the guards. Inputs are fresh and
+random (never zeros); counts include 0, small values and the saturation point.
+
+The Triton kernel runs on the CPU through Triton's interpreter in one child process (``TRITON_INTERPRET=1``
+must be set before triton is imported); the ``check_adamw`` function is reused at real sizes on the GPU by
+tests/gpu/test_adamw_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+STATE_DTYPES = [torch.float32, torch.bfloat16]
+STEP_DTYPES = [torch.int16, torch.int32, torch.float32]
+HYPER = [dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False),
+         dict(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.0, maximize=True),
+         dict(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False)]
+GUARD = 3
+
+
+def _guarded(n, dtype, device):
+    """A contiguous view of n elements at offset GUARD inside a NaN (or -1) filled buffer, and the buffer."""
+    fill = float("nan") if dtype.is_floating_point else -1
+    buf = torch.full((n + 2 * GUARD,), fill, dtype=dtype, device=device)
+    return buf[GUARD:GUARD + n], buf
+
+
+def _check_guards(buf, n, what):
+    for part in (buf[:GUARD], buf[GUARD + n:]):
+        if part.dtype.is_floating_point:
+            assert bool(part.isnan().all()), f"{what}: write outside the tensor"
+        else:
+            assert bool((part == -1).all()), f"{what}: write outside the tensor"
+
+
+def make_case(sizes, p_dtype, m_dtype, s_dtype, seed, device):
+    """Five lists of guarded tensors (params, grads, exp_avgs, exp_avg_sqs, steps) with random contents."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    limit = 32767 if s_dtype == torch.int16 else 2**24
+    lists, bufs = [[], [], [], [], []], [[], [], [], [], []]
+    for n in sizes:
+        def rnd():
+            x = torch.randn(n, generator=g)
+            return x.masked_fill_(x == 0, 0.5)
+
+        counts = torch.randint(0, 6, (n,), generator=g)
+        if n > 3:  # saturation point and neighbours
+            counts[:3] = torch.tensor([limit - 1, limit, 0])
+        contents = [rnd(), rnd() * 0.5, rnd() * 0.1, torch.rand(n, generator=g) * 0.05 + 1e-4, counts]
+        for j, (data, dtype) in enumerate(zip(contents, (p_dtype, p_dtype, m_dtype, m_dtype, s_dtype))):
+            view, buf = _guarded(n, dtype, device)
+            view.copy_(data.to(dtype))
+            lists[j].append(view)
+            bufs[j].append(buf)
+    return lists, bufs
+
+
+def _clone(lists):
+    return [[t.clone() for t in lst] for lst in lists]
+
+
+def check_adamw(kernel, device, sizes=(1, 7, 1000, 2053, 0, 4096 + 5), combos=None, hypers=HYPER, seed=0) -> int:
+    """Run ``kernel`` (a backend's adamw_step) against float64 truth; returns the number of checks."""
+    from spiel.ops._dispatch import kernel_for
+
+    reference = kernel_for("adamw_step", "torch")
+    if combos is None:
+        combos = [(p, m, s) for p in PARAM_DTYPES for m in STATE_DTYPES for s in STEP_DTYPES]
+    checks = 0
+    for c, (p_dtype, m_dtype, s_dtype) in enumerate(combos):
+        for h, hyper in enumerate(hypers):
+            what = f"p={p_dtype} state={m_dtype} steps={s_dtype} hyper={h}"
+            lists, bufs = make_case(sizes, p_dtype, m_dtype, s_dtype, seed + 97 * c + h, device)
+            truth = [[t.double() for t in lst] for lst in lists[:4]] + [[t.clone() for t in lists[4]]]
+            before = [[t.double() for t in lst] for lst in lists[:4]]
+            plain = _clone(lists)
+            args = (hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
+                    hyper["maximize"])
+            reference(*truth, *args)
+            reference(*plain, *args)
+            kernel(*lists, *args)
+            for j, name in enumerate(("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")):
+                for i, n in enumerate(sizes):
+                    _check_guards(bufs[j][i], n, f"{what} {name}[{i}]")
+                    got = lists[j][i]
+                    if name == "grads":
+                        assert torch.equal(got, plain[j][i]), f"{what}: grads[{i}] modified"
+                        continue
+                    if name == "steps":
+                        assert torch.equal(got, truth[j][i]), f"{what}: steps[{i}] differ"
+                        continue
+                    want = truth[j][i]
+                    err = (got.double() - want).abs()
+                    ref_err = (plain[j][i].double() - want).abs()
+                    half_ulp = want.abs() * torch.finfo(got.dtype).eps / 2 + torch.finfo(got.dtype).tiny
+                    # fp32 arithmetic error, relative to the operands (not the result: m + (1 - b1)(g - m)
+                    # cancels); for p, the update carries ~1e-4 relative error from 1 - beta^t in fp32
+                    grad = before[1][i].abs()
+                    scale = {"params": before[0][i].abs() + 1e3 * (want - before[0][i]).abs(),
+                             "exp_avgs": before[2][i].abs() + grad,
+                             "exp_avg_sqs": before[3][i].abs() + grad * grad}[name]
+                    # the kernel may round the other way than the reference: one ulp of slack
+                    bound = 4 * ref_err + 2 * half_ulp + 8 * torch.finfo(torch.float32).eps * scale
+                    bad = err > bound
+                    if bool(bad.any()):
+                        k = int(bad.nonzero()[0])
+                        raise AssertionError(f"{what}: {name}[{i}] element {k}: got {got[k].item()!r}, "
+                                             f"float64 {want[k].item()!r}, fp32 reference "
+                                             f"{plain[j][i][k].item()!r} ({int(bad.sum())} bad)")
+                    checks += 1
+    return checks
+
+
+# ---- reference and public op (in process) ----------------------------------------------------------------
+
+def test_reference_matches_float64_closely():
+    """The fp32 reference itself: within a few fp32/bf16 ulps of float64 (its error sets the kernels' bound)."""
+    from spiel.ops._dispatch import kernel_for
+
+    reference = kernel_for("adamw_step", "torch")
+    for p_dtype in PARAM_DTYPES:
+        lists, _ = make_case((1000,), p_dtype, torch.float32, torch.int32, 5, "cpu")
+        truth = [[t.double() for t in lst] for lst in lists[:4]] + [[t.clone() for t in lists[4]]]
+        before = truth[0][0].clone()
+        reference(*truth, 1e-2, 0.9, 0.999, 1e-8, 0.1, False)
+        reference(*lists, 1e-2, 0.9, 0.999, 1e-8, 0.1, False)
+        err = (lists[0][0].double() - truth[0][0]).abs()
+        # rounding of the result, plus fp32 error in the update itself: 1 - beta2^t in fp32 is off by
+        # ~1e-4 relative at t = 1 (fl(0.999) alone is 6e-5 away), amplified by nothing else
+        bound = truth[0][0].abs() * torch.finfo(p_dtype).eps + 1e-4 * (truth[0][0] - before).abs() + 1e-12
+        assert bool((err <= bound).all()), (p_dtype, (err / bound).max().item())
+        assert torch.equal(lists[4][0], truth[4][0])
+
+
+def test_public_op_matches_optimizer_foreach_math():
+    """The op (reference backend on CPU) and SparseAdamW's grouped foreach path agree to fp32 rounding."""
+    import spiel.ops as ops
+    from spiel.optim.adamw import adamw_foreach
+
+    lists, _ = make_case((7, 1000, 33), torch.float32, torch.float32, torch.int16, 11, "cpu")
+    other = _clone(lists)
+    ops.adamw_step_(*lists, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    adamw_foreach(*other, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    for j in range(5):
+        for a, b in zip(lists[j], other[j]):
+            torch.testing.assert_close(a, b, rtol=3e-6, atol=1e-7)
+
+
+def test_bad_input():
+    import spiel.ops as ops
+
+    lists, _ = make_case((5, 9), torch.float32, torch.float32, torch.int16, 1, "cpu")
+    p, g, m, v, s = lists
+    with pytest.raises(ValueError, match="grads has 1 tensors, params has 2"):
+        ops.adamw_step_(p, g[:1], m, v, s, lr=1e-3)
+    with pytest.raises(TypeError, match="params must all have one dtype"):
+        ops.adamw_step_([p[0], p[1].double()], g, m, v, s, lr=1e-3)
+    with pytest.raises(TypeError, match="grads must have the params' dtype"):
+        ops.adamw_step_(p, [x.bfloat16() for x in g], m, v, s, lr=1e-3)
+    with pytest.raises(TypeError, match="exp_avgs and exp_avg_sqs must have one dtype"):
+        ops.adamw_step_(p, g, m, [x.bfloat16() for x in v], s, lr=1e-3)
+    with pytest.raises(TypeError, match="steps must have dtype in"):
+        ops.adamw_step_(p, g, m, v, [x.long() for x in s], lr=1e-3)
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] must have the shape of params\[1\]"):
+        ops.adamw_step_(p, g, [m[0], m[1][:4]], v, s, lr=1e-3)
+    with pytest.raises(ValueError, match=r"params\[0\] must be contiguous"):
+        ops.adamw_step_([torch.zeros(5, 2).t()], [torch.zeros(2, 5)], [torch.zeros(2, 5)], [torch.zeros(2, 5)],
+                        [torch.zeros(2, 5, dtype=torch.int16)], lr=1e-3)
+    with pytest.raises(ValueError, match="lr must be in"):
+        ops.adamw_step_(p, g, m, v, s, lr=-1.0)
+    with pytest.raises(ValueError, match="beta2 must be in"):
+        ops.adamw_step_(p, g, m, v, s, lr=1e-3, beta2=1.0)
+    with pytest.raises(TypeError, match="params must be a list of tensors"):
+        ops.adamw_step_(p[0], g, m, v, s, lr=1e-3)
+    ops.adamw_step_([], [], [], [], [], lr=1e-3)  # nothing to do
+
+
+def test_opcheck():
+    lists, _ = make_case((5, 9), torch.float32, torch.bfloat16, torch.int16, 2, "cpu")
+    lists = _clone(lists)
+    torch.library.opcheck(torch.ops.spiel.adamw_step_.default, (*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_sparse_adamw_fused_matches_foreach():
+    """SparseAdamW(fused=True) (the op) and fused=False (grouped foreach) train the same, index updates and
+    bf16 moments included."""
+    from torch import nn
+
+    from spiel.nn import SparseDeltaLinear
+    from spiel.optim import SparseAdamW
+
+    torch.manual_seed(0)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        layers = nn.ModuleList([SparseDeltaLinear(12, 9, num_deltas=20, generator=torch.Generator().manual_seed(i))
+                                for i in range(3)])
+        opt = SparseAdamW(layers, lr=1e-2, weight_decay=0.05, state_dtype=torch.bfloat16, fused=fused)
+        x = torch.randn(6, 12)
+        for step in range(4):
+            loss = sum(layer(x).square().sum() for layer in layers)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 1:  # regrow two slots of layer 0
+                regrown = torch.zeros(20, dtype=torch.bool)
+                regrown[[3, 11]] = True
+                opt.reindex(layers[0], torch.arange(20), regrown)
+        runs.append([layer.values.detach().clone() for layer in layers])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_adamw_fused_argument():
+    from spiel.nn import SparseDeltaLinear
+    from spiel.optim import SparseAdamW
+
+    layer = SparseDeltaLinear(4, 4, num_deltas=3)
+    with pytest.raises(TypeError, match="fused must be None or a bool"):
+        SparseAdamW([layer], fused="yes")
+
+
+# ---- Triton through the interpreter (one child process) --------------------------------------------------
+
+def _groups():
+    from spiel.ops._dispatch import kernel_for
+
+    tri = kernel_for("adamw_step", "triton")
+    return {
+        "triton_all_dtypes": lambda d: check_adamw(tri, d, sizes=(1, 7, 0, 2053), hypers=HYPER[:2]),
+        "triton_lr0_and_blocks": lambda d: check_adamw(
+            tri, d, sizes=(4096 + 5, 3), hypers=HYPER[2:] + HYPER[:1],
+            combos=[(torch.bfloat16, torch.float32, torch.int16), (torch.float32, torch.float32, torch.float32)]),
+    }
+
+
+def _child_main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name, fn in _groups().items():
+        t0 = time.time()
+        try:
+            n = fn("cpu")
+            results[name] = {"ok": True, "msg": f"{n} checks in {time.time() - t0:.1f}s"}
+        except Exception:
+            results[name] = {"ok": False, "msg": traceback.format_exc()[-3000:]}
+    print("ADAMW_RESULTS " + json.dumps(results))
+    return 0
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        pytest.skip("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
+        results = {}
+        for name, fn in _groups().items():
+            try:
+                results[name] = {"ok": True, "msg": f"{fn('cpu')} checks"}
+            except Exception:
+                results[name] = {"ok": False, "msg": traceback.format_exc()[-3000:]}
+        return results
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=1800, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ADAMW_RESULTS "):
+            return json.loads(line[len("ADAMW_RESULTS "):])
+    raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+@pytest.mark.parametrize("group", ["triton_all_dtypes", "triton_lr0_and_blocks"])
+def test_triton_interpreted(interpreter_results, group):
+    res = interpreter_results[group]
+    assert res["ok"], res["msg"]
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
