@@ -221,7 +221,8 @@ def inject_matched(model, rank: int, notes: list, values_dtype=torch.float32):
 def spiel_optimizer_and_scheduler(model, mode: str, args, total_steps: int, lr: float):
     optim = P.import_optional("spiel.optim")
     sched_mod = P.import_optional("spiel.scheduler")
-    opt = optim.SparseAdamW(model, lr=lr) if mode == "ag" else optim.SM3(model, lr=lr)
+    fused = {"auto": None, "on": True, "off": False}[getattr(args, "sparse_adamw_fused", "auto")]
+    opt = optim.SparseAdamW(model, lr=lr, fused=fused) if mode == "ag" else optim.SM3(model, lr=lr)
     gamma = min(args.accumulation_steps, max(1, args.reselection_steps - 1))
     # the drop fraction decays to 0 at total_steps and no update happens at or after it: pretend the run is
     # long so every update in the window happens, at (almost) the initial drop fraction (the costliest)
@@ -288,6 +289,8 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
             P.import_optional("spiel.nn").merge(model, train=True)
         mode = "ma" if name in MA_PROVIDERS else "ag"
         opt, sched = spiel_optimizer_and_scheduler(model, mode, args, total_steps, lr)
+        if mode == "ag" and getattr(args, "sparse_adamw_fused", "auto") != "auto":
+            notes.append(f"SparseAdamW fused {args.sparse_adamw_fused}")
         enable_checkpointing(model)
         return model, opt, sched, layers
     raise ValueError(f"unknown provider {name}")
@@ -399,6 +402,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=None, help="LoRA rank / matched deltas (7b,1b: 64; 70b: 16)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048; tiny 64)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sparse-adamw-fused", choices=("auto", "on", "off"), default="auto",
+                   help="SparseAdamW's fused argument (auto: the fused op on CUDA; off: the foreach chain)")
     p.add_argument("--no-validate", action="store_true",
                    help="SPIEL_VALIDATE=0: no index value checks (host syncs) in spiel's public wrappers")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
@@ -448,7 +453,8 @@ def worker(args) -> int:
 def child_argv(args, provider: str, result_json: str, ceilings: bool):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--result-json", result_json,
             "--model", args.model, "--reselection-steps", str(args.reselection_steps),
-            "--accumulation-steps", str(args.accumulation_steps), "--batch", str(args.batch)]
+            "--accumulation-steps", str(args.accumulation_steps), "--batch", str(args.batch),
+            "--sparse-adamw-fused", args.sparse_adamw_fused]
     for flag, val in (("--device", args.device), ("--steps", args.steps), ("--baseline-steps", args.baseline_steps),
                       ("--warmup", args.warmup), ("--rank", args.rank), ("--seq", args.seq)):
         if val is not None:

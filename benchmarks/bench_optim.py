@@ -8,7 +8,8 @@ Case: the LLaMA-2-7B layout: 224 value tensors (32 x q,k,v,o with 524,288 deltas
 LoRA-r64-matched, 159.9M deltas), fp32 values, fp32 (or bf16) moments, int16 per-slot counts. Providers:
   copy                 torch copy of the bytes the step must move (read + write), the ceiling
   foreach              SparseAdamW's unfused path (``adamw_foreach``: ~20 foreach launches per 2**24 deltas)
-  fused-triton/-cuda   ``spiel.ops.adamw_step_`` on one backend
+  fused-triton/-cuda   ``spiel.ops.adamw_step_`` on one backend (the public op: per-tensor argument checks)
+  fused-*-unchecked    the same kernels through ``adamw_step_eager``, what SparseAdamW calls
   torch-fused-adamw    ``torch._fused_adamw_`` on the same tensors with ONE count per tensor (what torch offers;
                        cannot restart a regrown slot's bias correction), for scale
 Columns: GPU median ms, effective TB/s (bytes the step must move / time), and host ms: the CPU time to enqueue
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     import spiel.ops as ops
     from spiel.ops._dispatch import kernel_for
+    from spiel.ops.adamw import adamw_step_eager
     from spiel.optim.adamw import adamw_foreach
 
     layers = 2 if args.small else args.layers
@@ -111,6 +113,11 @@ def main(argv=None) -> int:
                     with ops.use_backend(backend):
                         ops.adamw_step_(*lists, **hyper)
                 provider(f"fused-{backend}", fused)
+
+                def fused_eager(backend=backend):  # what SparseAdamW calls: no per-tensor argument checks
+                    with ops.use_backend(backend):
+                        adamw_step_eager(*lists, **hyper)
+                provider(f"fused-{backend}-unchecked", fused_eager)
             if state_dtype == torch.float32 and device.type == "cuda" and hasattr(torch, "_fused_adamw_"):
                 counts = [torch.tensor(10.0, device=device) for _ in sizes]
 

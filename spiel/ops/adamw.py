@@ -18,7 +18,7 @@ import torch
 from . import _dispatch
 from ._validate import check_same_device
 
-__all__ = ["adamw_step_", "adamw_step_limit", "ADAMW_PARAM_DTYPES", "ADAMW_STATE_DTYPES", "ADAMW_STEP_DTYPES"]
+__all__ = ["adamw_step_", "adamw_step_eager", "adamw_step_limit", "ADAMW_PARAM_DTYPES", "ADAMW_STATE_DTYPES", "ADAMW_STEP_DTYPES"]
 
 ADAMW_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ADAMW_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,6 +112,16 @@ def check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
                 raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place)")
         if p.numel() > ADAMW_MAX_NUMEL:
             raise ValueError(f"params[{i}] has {p.numel()} elements; at most {ADAMW_MAX_NUMEL} per tensor")
+
+
+def adamw_step_eager(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1: float, beta2: float,
+                     eps: float, weight_decay: float, maximize: bool = False) -> None:
+    """The implementation of ``spiel::adamw_step_`` without the argument checks or the custom-op dispatch, for
+    callers that own the state and have checked it (``SparseAdamW``): on a launch-bound step the per-tensor
+    checks of :func:`adamw_step_` cost ~1 ms of host time per 200 tensors. Same contract otherwise."""
+    if params:
+        _dispatch.call("adamw_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, steps, float(lr),
+                       float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
 
 
 def adamw_step_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],

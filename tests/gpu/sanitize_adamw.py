@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # tests/ (check_adamw) and the repository root (spiel)
 
 import spiel.ops as ops  # noqa: E402
 from spiel.ops._dispatch import kernel_for  # noqa: E402

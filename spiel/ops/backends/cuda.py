@@ -54,3 +54,11 @@ if AVAILABLE:
         @register_kernel("sddmm", "cuda")
         def sddmm(grad_output, input, indices, out_features, in_features, plan):
             return _ops._cuda_sddmm(grad_output, input, indices, int(out_features), int(in_features), plan)
+
+    if hasattr(_ops, "_cuda_adamw_step_"):
+
+        @register_kernel("adamw_step", "cuda")
+        def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                       maximize) -> None:
+            _ops._cuda_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), float(beta1),
+                                   float(beta2), float(eps), float(weight_decay), bool(maximize))
