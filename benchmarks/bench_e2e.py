@@ -222,7 +222,9 @@ def spiel_optimizer_and_scheduler(model, mode: str, args, total_steps: int, lr: 
     optim = P.import_optional("spiel.optim")
     sched_mod = P.import_optional("spiel.scheduler")
     fused = {"auto": None, "on": True, "off": False}[getattr(args, "sparse_adamw_fused", "auto")]
-    opt = optim.SparseAdamW(model, lr=lr, fused=fused) if mode == "ag" else optim.SM3(model, lr=lr)
+    state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(args, "sparse_adamw_state", "fp32")]
+    opt = (optim.SparseAdamW(model, lr=lr, fused=fused, state_dtype=state_dtype) if mode == "ag"
+           else optim.SM3(model, lr=lr))
     gamma = min(args.accumulation_steps, max(1, args.reselection_steps - 1))
     # the drop fraction decays to 0 at total_steps and no update happens at or after it: pretend the run is
     # long so every update in the window happens, at (almost) the initial drop fraction (the costliest)
@@ -291,6 +293,8 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
         opt, sched = spiel_optimizer_and_scheduler(model, mode, args, total_steps, lr)
         if mode == "ag" and getattr(args, "sparse_adamw_fused", "auto") != "auto":
             notes.append(f"SparseAdamW fused {args.sparse_adamw_fused}")
+        if mode == "ag" and getattr(args, "sparse_adamw_state", "fp32") != "fp32":
+            notes.append(f"SparseAdamW moments {args.sparse_adamw_state}")
         enable_checkpointing(model)
         return model, opt, sched, layers
     raise ValueError(f"unknown provider {name}")
@@ -404,6 +408,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--sparse-adamw-fused", choices=("auto", "on", "off"), default="auto",
                    help="SparseAdamW's fused argument (auto: the fused op on CUDA; off: the foreach chain)")
+    p.add_argument("--sparse-adamw-state", choices=("fp32", "bf16"), default="fp32",
+                   help="SparseAdamW's state_dtype (its moments)")
     p.add_argument("--no-validate", action="store_true",
                    help="SPIEL_VALIDATE=0: no index value checks (host syncs) in spiel's public wrappers")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
@@ -454,7 +460,7 @@ def child_argv(args, provider: str, result_json: str, ceilings: bool):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--result-json", result_json,
             "--model", args.model, "--reselection-steps", str(args.reselection_steps),
             "--accumulation-steps", str(args.accumulation_steps), "--batch", str(args.batch),
-            "--sparse-adamw-fused", args.sparse_adamw_fused]
+            "--sparse-adamw-fused", args.sparse_adamw_fused, "--sparse-adamw-state", args.sparse_adamw_state]
     for flag, val in (("--device", args.device), ("--steps", args.steps), ("--baseline-steps", args.baseline_steps),
                       ("--warmup", args.warmup), ("--rank", args.rank), ("--seq", args.seq)):
         if val is not None:
