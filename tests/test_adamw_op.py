@@ -239,11 +239,36 @@ def test_sparse_adamw_fused_argument():
 
 # ---- Triton through the interpreter (one child process) --------------------------------------------------
 
+def check_repeated_calls(kernel, device) -> int:
+    """The same tensors stepped three times (the Triton address table is reused from the second call on), then
+    one tensor swapped for a new one (a new table): every result tracks the fp32 reference."""
+    from spiel.ops._dispatch import kernel_for
+
+    reference = kernel_for("adamw_step", "torch")
+    lists, _ = make_case((7, 3000, 1), torch.float32, torch.float32, torch.int16, 21, device)
+    plain = _clone(lists)
+    args = (1e-2, 0.9, 0.999, 1e-8, 0.0, False)
+    checks = 0
+    for call in range(4):
+        if call == 3:  # a reindex replaces state tensors: new addresses
+            for j in range(5):
+                lists[j][1] = lists[j][1].clone()
+        kernel(*lists, *args)
+        reference(*plain, *args)
+        for j in range(5):
+            for got, want in zip(lists[j], plain[j]):
+                # rounding drift over 4 steps only; a wrong table would give unrelated numbers
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+                checks += 1
+    return checks
+
+
 def _groups():
     from spiel.ops._dispatch import kernel_for
 
     tri = kernel_for("adamw_step", "triton")
     return {
+        "triton_repeated_calls": lambda d: check_repeated_calls(tri, d),
         "triton_all_dtypes": lambda d: check_adamw(tri, d, sizes=(1, 7, 0, 2053), hypers=HYPER[:2]),
         "triton_lr0_and_blocks": lambda d: check_adamw(
             tri, d, sizes=(4096 + 5, 3), hypers=HYPER[2:] + HYPER[:1],
@@ -289,7 +314,7 @@ def interpreter_results():
     raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-@pytest.mark.parametrize("group", ["triton_all_dtypes", "triton_lr0_and_blocks"])
+@pytest.mark.parametrize("group", ["triton_all_dtypes", "triton_lr0_and_blocks", "triton_repeated_calls"])
 def test_triton_interpreted(interpreter_results, group):
     res = interpreter_results[group]
     assert res["ok"], res["msg"]
