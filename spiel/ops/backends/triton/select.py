@@ -24,6 +24,7 @@ from ..._dispatch import register_kernel
 
 CHUNK = 1 << 16         # entries per program (a contiguous range)
 BLOCK = 2048            # entries per loop iteration
+NUM_WARPS = 8
 _BITS = (11, 10, 10)    # radix digits of the 31-bit key, most significant first
 _SHIFTS = (20, 10, 0)
 _HIST_OFF = (0, 2048, 3072)
@@ -129,19 +130,20 @@ def block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n, device=device)
     chunk = _CONFIG_OVERRIDE.get("chunk", CHUNK)
     block = _CONFIG_OVERRIDE.get("block", BLOCK)
+    warps = _CONFIG_OVERRIDE.get("num_warps", NUM_WARPS)
     programs = triton.cdiv(n, chunk)
     state = torch.zeros(_STATE + 8, dtype=torch.int32, device=device)
     for level, (bits, shift, hist_off) in enumerate(zip(_BITS, _SHIFTS, _HIST_OFF)):
         _hist_kernel[(programs,)](scores, n, state, CHUNK=chunk, BLOCK=block, NB=1 << bits, BITS=bits, SHIFT=shift,
-                                  HIST_OFF=hist_off, LEVEL=level, STATE=_STATE, num_warps=8)
+                                  HIST_OFF=hist_off, LEVEL=level, STATE=_STATE, num_warps=warps)
         _pick_kernel[(1,)](state, k, NB=1 << bits, BITS=bits, HIST_OFF=hist_off, LEVEL=level, STATE=_STATE,
                            num_warps=4)
     counts = torch.empty(programs, 2, dtype=torch.int32, device=device)
-    _count_kernel[(programs,)](scores, n, state, counts, CHUNK=chunk, BLOCK=block, STATE=_STATE, num_warps=8)
+    _count_kernel[(programs,)](scores, n, state, counts, CHUNK=chunk, BLOCK=block, STATE=_STATE, num_warps=warps)
     cumulative = counts.cumsum(0, dtype=torch.int32)
     out = torch.empty(k, dtype=torch.int64, device=device)
     _write_kernel[(programs,)](scores, n, state, counts, cumulative, out, CHUNK=chunk, BLOCK=block, STATE=_STATE,
-                               num_warps=8)
+                               num_warps=warps)
     return out
 
 
