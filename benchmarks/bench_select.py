@@ -8,11 +8,8 @@ Case: one layer's probe at T = 2048 tokens (the 7B e2e batch) with LoRA-r64-matc
 k = 0.2 x active candidates (the first reselection's regrow count). Providers:
   gemm fp32 out      the dense gradient as fp32, all at once: the floor the probe cannot beat
   probe 2^24 / 2^26  ``top_gradient_entries`` with 16 M / 64 M gradient elements per block (the scheduler's
-                     ``block_elements``; 2^26 is the default), backend auto
-  probe 2^26 select=torch/triton  the same with the per-block top-k forced to the reference / the Triton
-                     radix select
-  block_top          the exact per-block top-k alone on one 2^24-element block (reference; "block_top triton":
-                     the radix select)
+                     ``block_elements``; 2^26 is the default)
+  block_top          the exact per-block top-k alone on one 2^24-element block
   torch.topk         ``torch.topk`` on the same block (unsorted), for scale
 """
 from __future__ import annotations
@@ -38,8 +35,6 @@ def main(argv=None) -> int:
     p.add_argument("--regrow", type=float, default=0.2, help="candidates = regrow x active")
     args = p.parse_args(argv)
     device = pick_device(args.device)
-    import spiel.ops as ops
-    from spiel.ops._dispatch import kernel_for
     from spiel.scheduler._select import _block_top, top_gradient_entries
 
     T = args.tokens or (64 if args.small else 2048)
@@ -68,23 +63,10 @@ def main(argv=None) -> int:
                 runner.run(case, f"probe 2^{log2}",
                            lambda log2=log2: lambda: top_gradient_entries(G, X, active, k, 1 << log2), info,
                            ref_ms=ref_ms)
-
-            def probe_on(backend):
-                def step():
-                    with ops.use_backend(backend):
-                        top_gradient_entries(G, X, active, k, 1 << 26)
-                return step
-            for backend in ("torch", "triton"):
-                if ops.backend_info()[backend]["available"]:
-                    runner.run(case, f"probe 2^26 select={backend}", lambda b=backend: probe_on(b), info,
-                               ref_ms=ref_ms)
             block_n = min(n, 1 << 24) if not args.small else n
             block = torch.rand(block_n, device=device, generator=g)
             kb = min(k, block_n)
             runner.run(case, "block_top", lambda: lambda: _block_top(block, kb), info, ref_ms=ref_ms)
-            triton_top = kernel_for("block_top", "triton")
-            if triton_top is not None and ops.backend_info()["triton"]["available"]:
-                runner.run(case, "block_top triton", lambda: lambda: triton_top(block, kb), info, ref_ms=ref_ms)
             runner.run(case, "torch.topk", lambda: lambda: torch.topk(block, kb, sorted=False), info, ref_ms=ref_ms)
 
     def summary(runner: Runner) -> None:

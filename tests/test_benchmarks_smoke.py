@@ -161,8 +161,7 @@ def test_bench_select_small_cpu(tmp_path):
     stdout = _run("bench_select.py", "--small", "--device", "cpu", "--csv", str(out_csv))
     assert "AG probe on one layer" in stdout
     rows = _rows(out_csv)
-    assert {r["provider"] for r in rows} == {"gemm fp32 out", "probe 2^24", "probe 2^26", "probe 2^26 select=torch",
-                                              "block_top", "torch.topk"}  # triton rows: GPU only
+    assert {r["provider"] for r in rows} == {"gemm fp32 out", "probe 2^24", "probe 2^26", "block_top", "torch.topk"}
     assert all(r["ms"] and float(r["ms"]) > 0 for r in rows), rows
 
 

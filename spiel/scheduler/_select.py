@@ -14,9 +14,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops import _dispatch
-from ..ops._dispatch import register_kernel
-
 __all__ = ["top_gradient_entries", "segmented_topk_abs", "top_abs_rows", "merge_top", "union_top",
            "true_positions", "device_tensor"]
 
@@ -71,8 +68,7 @@ def _block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending local positions (int64 [k]) of the k largest of ``scores`` (fp32 without NaN), ties by the
     smaller position, whatever order ``torch.topk`` breaks ties in: the entries above the k-th value are all in
     topk's answer; of those equal to it, the first ``k - above`` by position are taken (one compare pass).
-    The reference ("torch") of the dispatched kernel ``block_top``; on CUDA the Triton radix select
-    (``spiel.ops.backends.triton.select``) returns the same positions in ~5 passes.
+    (A Triton radix select with the same answer was measured 1.7-2.8x slower on the H100: NOTES, session 5.)
 
     Two schedules, picked by size from H100 measurements (``benchmarks/bench_select.py``, NOTES "AG probe"):
     up to 2**25 entries one ``torch.topk`` over the block and two mask scans (0.57 ms at 2**24 entries,
@@ -108,10 +104,6 @@ def _block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask.index_fill_(0, torch.where(above, top_pos, n), True)
     mask.index_fill_(0, torch.where(take_ties, ties, n), True)
     return true_positions(mask[:n], k)
-
-
-# the reference of the "block_top" kernel; spiel/ops/backends/triton/select.py has the Triton radix select
-register_kernel("block_top", "torch")(_block_top)
 
 
 @torch.no_grad()
@@ -169,7 +161,7 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
         torch.nan_to_num_(block, nan=0.0)
         if n_excl:
             buf.index_fill_(0, torch.where(excl_block == b, excl_slot, scratch), float("-inf"))
-        local_top = _dispatch.call("block_top", device, block, min(k, n))
+        local_top = _block_top(block, min(k, n))
         tops_pos.append(local_top + r0 * in_f)
         tops_score.append(block.index_select(0, local_top))
         pending += local_top.numel()

@@ -43,7 +43,4 @@ AUTO_ORDER.update({
     "nf4_dequantize_add_delta": ("triton", "cuda", "torch"),
     "sddmm": ("cuda", "triton", "torch"),
     "sddmm_fp8": ("triton", "torch"),
-    # the AG probe's per-block top-k: the Triton radix select measured 2.8x slower than the reference on the
-    # H100 (session 5, bench_select: 1.61 vs 0.567 ms on 2**24 entries); the reference stays the default
-    "block_top": ("torch", "triton"),
 })
