@@ -78,6 +78,12 @@ def test_causal_lm_labels_mask_the_prompt():
     (["--device", "tpu"], "device"),
     (["--data", "/nonexistent/x.jsonl"], "no such file"),
     (["--model", "/nonexistent/model"], "no such directory"),
+    (["--update-end", "0"], "fraction in (0, 1]"),
+    (["--update-end", "1.5"], "fraction in (0, 1]"),
+    (["--drop-schedule", "exp"], "invalid choice"),
+    (["--compare", "lora,full", "--update-end", "0.75"], "only apply to spiel"),
+    (["--candidates-per-slot", "0"], "positive integer"),
+    (["--method", "full", "--candidates-per-slot", "4"], "only apply to spiel"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -235,6 +241,28 @@ def test_causal_lm_path_on_a_tiny_llama(tmp_path):
     ids = torch.tensor([[2, 4, 5, 6, 7, 8, 10, 9]])
     with torch.no_grad():
         assert torch.equal(load_finetuned(str(tmp_path / "r2"))(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_schedule_options_reach_the_scheduler(tmp_path):
+    from spiel.finetune.data import load_jsonl_data
+    from spiel.finetune.train import load_base, prepare_method, update_end_step
+
+    assert update_end_step(150, 0.75) == 112 and update_end_step(150, 1.0) == 150 and update_end_step(3, 0.1) == 1
+    with pytest.raises(ValueError, match="update_end"):
+        update_end_step(150, 0.0)
+    model_dir, data = _tiny_llama(tmp_path)
+    cfg = RunConfig(method="spiel-ag", steps=40, max_length=32, progress=False, reselection_steps=4,
+                    accumulation_steps=1, drop_schedule="cosine", update_end=0.5, candidates_per_slot=3)
+    prep = prepare_method(load_base("causal_lm", str(model_dir), cfg), "causal_lm", cfg)
+    sched = prep.scheduler
+    assert sched.total_steps == 20 and sched.schedule == "cosine" and sched.candidates_per_slot == 3
+    assert sched.is_update_step(16) and not sched.is_update_step(20) and not sched.is_update_step(24)
+    # and a short run with them trains
+    r = train_run("causal_lm", str(model_dir), load_jsonl_data(str(data)), load_tokenizer(str(model_dir)),
+                  RunConfig(method="spiel-ag", steps=12, batch_size=8, lr=2e-2, max_length=32, progress=False,
+                            reselection_steps=3, accumulation_steps=2, drop_schedule="cosine", update_end=0.75,
+                            candidates_per_slot=2))
+    assert len(r.losses) == 12 and sum(r.losses[-3:]) < sum(r.losses[:3])
 
 
 def test_causal_lm_without_data_or_with_text_labels_is_an_error(tmp_path, capsys):

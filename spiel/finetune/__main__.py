@@ -69,6 +69,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _update_end(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
 def _methods(text: str) -> List[str]:
     methods = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not methods:
@@ -147,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accumulation-steps", type=_positive_int, default=5,
                    help="spiel-ag: steps of candidate-gradient accumulation before a reselection")
     g.add_argument("--drop-fraction", type=_fraction, default=0.2, help="spiel: fraction of deltas replaced")
+    g.add_argument("--drop-schedule", default="linear", choices=("linear", "cosine", "constant"),
+                   help="spiel: the drop fraction decays from --drop-fraction to 0 at --update-end, linearly or "
+                        "as a half cosine, or stays constant until then")
+    g.add_argument("--update-end", type=_update_end, default=1.0,
+                   help="spiel: fraction of the steps after which the indices stay fixed (the drop fraction "
+                        "reaches 0 there; RigL uses 0.75)")
+    g.add_argument("--candidates-per-slot", type=_positive_int, default=1,
+                   help="spiel-ag: candidates probed per regrown index; their gradients accumulated over "
+                        "--accumulation-steps steps pick the regrown ones (1: the probe's top |gradient| alone "
+                        "decides)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="optimizer steps per run")
     g.add_argument("--batch-size", type=_positive_int, default=32)
@@ -221,6 +241,13 @@ def run(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
     methods = args.compare or [args.method or "spiel-ag"]
     if args.load_4bit and "full" in methods:
         parser.error("--4bit: full fine-tuning cannot train 4-bit weights; compare spiel-ag, spiel-ma, lora")
+    if not any(m.startswith("spiel") for m in methods):
+        spiel_only = [flag for flag, used in (("--drop-schedule", args.drop_schedule != "linear"),
+                                              ("--update-end", args.update_end != 1.0),
+                                              ("--candidates-per-slot", args.candidates_per_slot != 1)) if used]
+        if spiel_only:
+            parser.error(f"{', '.join(spiel_only)} only apply to spiel-ag / spiel-ma, which this run does not "
+                         f"train ({', '.join(methods)})")
     if args.lr is not None:
         unused = [m for m in args.lr if m != "*" and m not in methods]
         if unused:
@@ -282,7 +309,9 @@ def run(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
                 lora_r=args.lora_r, lora_alpha=args.lora_alpha, density=args.density,
                 num_tunable=args.num_tunable, target_modules=targets,
                 reselection_steps=args.reselection_steps, accumulation_steps=args.accumulation_steps,
-                drop_fraction=args.drop_fraction, eval_every=args.eval_every, progress=not args.no_progress)
+                drop_fraction=args.drop_fraction, drop_schedule=args.drop_schedule, update_end=args.update_end,
+                candidates_per_slot=args.candidates_per_slot,
+                eval_every=args.eval_every, progress=not args.no_progress)
             try:
                 result = train_run(kind, model_path, data, tokenizer, cfg,
                                    out_dir=os.path.join(out, f"{method}-seed{seed}"), labels=labels)

@@ -53,6 +53,9 @@ class RunConfig:
     reselection_steps: int = 20
     accumulation_steps: int = 5
     drop_fraction: float = 0.2
+    drop_schedule: str = "linear"
+    update_end: float = 1.0
+    candidates_per_slot: int = 1
     eval_batch_size: int = 64
     eval_every: int = 0
     progress: bool = True
@@ -305,9 +308,9 @@ def prepare_method(model: nn.Module, kind: str, cfg: RunConfig) -> Prepared:
             opt = spiel.optim.SparseAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         optimizers.insert(0, opt)
         scheduler = spiel.scheduler.SpielScheduler(
-            model, opt, mode=cfg.method.split("-")[1], total_steps=cfg.steps,
+            model, opt, mode=cfg.method.split("-")[1], total_steps=update_end_step(cfg.steps, cfg.update_end),
             reselection_steps=cfg.reselection_steps, accumulation_steps=cfg.accumulation_steps,
-            drop_fraction=cfg.drop_fraction)
+            drop_fraction=cfg.drop_fraction, schedule=cfg.drop_schedule, candidates_per_slot=cfg.candidates_per_slot)
         extra["budget"] = budget
     elif cfg.method == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -334,6 +337,14 @@ def prepare_method(model: nn.Module, kind: str, cfg: RunConfig) -> Prepared:
         raise ValueError(f"unknown method {cfg.method!r}: choose from {', '.join(METHODS)}")
     trainable = adapter_params + sum(p.numel() for p in head)
     return Prepared(model, optimizers, scheduler, adapter_params, trainable, num_tunable, extra)
+
+
+def update_end_step(steps: int, update_end: float) -> int:
+    """The step at which SpIEL's drop fraction reaches 0 and index updates stop (the scheduler's
+    ``total_steps``): ``update_end * steps`` rounded, at least 1 (``update_end`` in (0, 1])."""
+    if isinstance(update_end, bool) or not isinstance(update_end, (int, float)) or not 0 < update_end <= 1:
+        raise ValueError(f"update_end must be a fraction in (0, 1], got {update_end!r}")
+    return max(1, int(round(update_end * steps)))
 
 
 def _is_head(name: str, kind: str) -> bool:

@@ -140,13 +140,17 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
     low_precision = _uses_low_precision_gemm(grad_output, input)
     x = input if low_precision or input.dtype == torch.float32 else input.float()  # upcast once, not per block
     # one buffer for every block, plus a scratch tail: exclude entry j marks its block's slot in its own block
-    # and scratch slot block_n + j in the others (distinct slots: one index_fill_, deterministic)
-    buf = torch.empty(block_n + n_excl, dtype=torch.float32, device=device)
+    # and scratch slot block_n + j in the others (distinct slots: one index_fill_, deterministic). A layer that
+    # fits one block (every 7B layer at the default block_elements) marks its excluded entries directly: five
+    # launches less per probed layer on a launch-bound backward, and no scratch tail.
+    one_block = rows_per_block >= out_f
+    buf = torch.empty(block_n + (0 if one_block else n_excl), dtype=torch.float32, device=device)
     if n_excl:
         excl = exclude.to(torch.int64)
-        excl_block = torch.div(excl, block_n, rounding_mode="floor")
-        excl_slot = excl - excl_block * block_n
-        scratch = torch.arange(block_n, block_n + n_excl, device=device)
+        if not one_block:
+            excl_block = torch.div(excl, block_n, rounding_mode="floor")
+            excl_slot = excl - excl_block * block_n
+            scratch = torch.arange(block_n, block_n + n_excl, device=device)
     tops_pos, tops_score, pending = [], [], 0
     for b, r0 in enumerate(range(0, out_f, rows_per_block)):
         r1 = min(out_f, r0 + rows_per_block)
@@ -159,7 +163,9 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
             torch.mm((go if go.dtype == torch.float32 else go.float()).t(), x, out=block.view(r1 - r0, in_f))
         block.abs_()
         torch.nan_to_num_(block, nan=0.0)
-        if n_excl:
+        if n_excl and one_block:
+            block.index_fill_(0, excl, float("-inf"))
+        elif n_excl:
             buf.index_fill_(0, torch.where(excl_block == b, excl_slot, scratch), float("-inf"))
         local_top = _block_top(block, min(k, n))
         tops_pos.append(local_top + r0 * in_f)
