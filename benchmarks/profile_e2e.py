@@ -109,6 +109,7 @@ def main(argv=None) -> int:
 
     # a full reselection cycle, each step timed and labelled
     kinds = []
+    step_peaks = {}  # step kind -> peak GiB of each such step (max over its phases)
     for i in range(3 if args.no_cycle else 2 * S + 1):
         before = E.layer_signature(layers) if layers else None
         sync()
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
             if cand and any(b[0] is not a[0] or b[1] != a[1] for b, a in zip(before, E.layer_signature(layers))):
                 kind = "accumulate+update"
             kinds.append((kind, dt))
+            step_peaks.setdefault(kind, []).append(max(v[-1] for v in phases.values()))
     by = {}
     for kind, dt in kinds:
         by.setdefault(kind, []).append(dt)
@@ -138,6 +140,9 @@ def main(argv=None) -> int:
     print("\n== peak memory per phase (GiB, max over the cycle)")
     for ph, v in phases.items():
         print(f"  {ph:10s} {max(v):7.2f}")
+    print("== peak memory per step kind (GiB, max over the profiled cycle's steps of that kind)")
+    for kind, v in sorted(step_peaks.items()):
+        print(f"  {kind:18s} {max(v):7.2f}")
     if args.profile_update and sched is not None:
         profile_update_steps(step, sync, sched, layers, S, args.top, cuda)
     if not cuda:
