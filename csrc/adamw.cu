@@ -36,15 +36,6 @@ struct AdamWHyper {
   bool maximize;
 };
 
-template <typename S>
-__device__ __forceinline__ float count_to_float(S x) {
-  return static_cast<float>(x);
-}
-template <typename S>
-__device__ __forceinline__ S count_from_float(float x) {
-  return static_cast<S>(x);  // integer-valued and within the dtype's range (saturated above)
-}
-
 template <typename P, typename M, typename S>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensors tensors, const AdamWHyper h) {
   const int i = blockIdx.y;
@@ -64,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensors tens
         g[u] = to_float(grad[e]);
         m[u] = to_float(exp_avg[e]);
         v[u] = to_float(exp_avg_sq[e]);
-        t[u] = count_to_float(step[e]);
+        t[u] = static_cast<float>(step[e]);
         p[u] = to_float(param[e]);
       }
     }
@@ -86,24 +77,11 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensors tens
         param[e] = from_float<P>(pu);
         exp_avg[e] = from_float<M>(mu);
         exp_avg_sq[e] = from_float<M>(vu);
-        step[e] = count_from_float<S>(tu);
+        step[e] = static_cast<S>(tu);  // integer-valued, within S (saturated above)
       }
     }
   }
 }
-
-// int16 / int32 / fp32 step counts
-#define SPIEL_DISPATCH_COUNT(SCALAR_TYPE, NAME, WHAT, ...)                                   \
-  [&] {                                                                                     \
-    const auto _st = (SCALAR_TYPE);                                                         \
-    switch (_st) {                                                                          \
-      SPIEL_DISPATCH_CASE(at::ScalarType::Short, int16_t, NAME, __VA_ARGS__)                \
-      SPIEL_DISPATCH_CASE(at::ScalarType::Int, int32_t, NAME, __VA_ARGS__)                  \
-      SPIEL_DISPATCH_CASE(at::ScalarType::Float, float, NAME, __VA_ARGS__)                  \
-      default:                                                                              \
-        TORCH_CHECK(false, WHAT, ": unsupported step dtype ", _st, " (expected int16, int32 or fp32)"); \
-    }                                                                                       \
-  }()
 
 }  // namespace
 
@@ -142,6 +120,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   h.log2_beta2 = beta2 > 0.0 ? static_cast<float>(std::log2(beta2)) : -INFINITY;
   h.eps = static_cast<float>(eps);
   h.decay = static_cast<float>(1.0 - lr * weight_decay);
+  // adamw_step_limit(dtype) - 1 of spiel/ops/adamw.py: int16 counts saturate at 32767, others at 2**24
   h.last_count = s_type == at::ScalarType::Short ? 32766.f : 16777215.f;
   h.maximize = maximize;
   const c10::cuda::CUDAGuard guard(device);

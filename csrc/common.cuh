@@ -54,6 +54,19 @@ namespace spiel {
     }                                                                                   \
   }()
 
+// int16 / int32 / fp32 step counts
+#define SPIEL_DISPATCH_COUNT(SCALAR_TYPE, NAME, WHAT, ...)                                   \
+  [&] {                                                                                     \
+    const auto _st = (SCALAR_TYPE);                                                         \
+    switch (_st) {                                                                          \
+      SPIEL_DISPATCH_CASE(at::ScalarType::Short, int16_t, NAME, __VA_ARGS__)                \
+      SPIEL_DISPATCH_CASE(at::ScalarType::Int, int32_t, NAME, __VA_ARGS__)                  \
+      SPIEL_DISPATCH_CASE(at::ScalarType::Float, float, NAME, __VA_ARGS__)                  \
+      default:                                                                              \
+        TORCH_CHECK(false, WHAT, ": unsupported step dtype ", _st, " (expected int16, int32 or fp32)"); \
+    }                                                                                       \
+  }()
+
 // ---------------------------------------------------------------------------------------------
 // Conversions (round-to-nearest-even, no fast math: results are bit-exact against torch).
 // ---------------------------------------------------------------------------------------------

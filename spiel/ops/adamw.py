@@ -35,7 +35,7 @@ torch.library.define(
 
 def adamw_step_limit(step_dtype: torch.dtype) -> int:
     """Where per-slot step counts of ``step_dtype`` saturate: 32767 for int16, 2**24 for int32/fp32 (fp32
-    counts stay exact up to there)."""
+    counts stay exact up to there). csrc/adamw.cu uses the same limits (``last_count``)."""
     return 32767 if step_dtype == torch.int16 else 2**24
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import _dispatch
+from ..ops.adamw import ADAMW_PARAM_DTYPES, adamw_step_eager, adamw_step_limit
 
 __all__ = ["SparseAdamW", "sparse_layers", "is_sparse_layer", "layer_shape", "adamw_foreach", "GROUP_NUMEL"]
 
@@ -72,13 +73,10 @@ GROUP_NUMEL = 2 ** 24
 #: Saturation point of an int16 per-slot step count. Past it the fp32 bias corrections ``1 - beta**t`` are exactly
 #: 1 for every beta with ``beta**32767 <= 2**-26`` (beta <= 0.99947, e.g. 0.999), so saturating changes nothing;
 #: SparseAdamW picks int32 step counts (exact up to 2**24 steps, as fp32 ones) for betas closer to 1.
-INT16_STEP_LIMIT = 32767
-_FP32_STEP_LIMIT = 2 ** 24  # largest count fp32 arithmetic increments exactly
+INT16_STEP_LIMIT = adamw_step_limit(torch.int16)
 
-
-def step_limit(dtype: torch.dtype) -> int:
-    """Largest per-slot step count stored in ``dtype`` (counts saturate there)."""
-    return INT16_STEP_LIMIT if dtype == torch.int16 else _FP32_STEP_LIMIT
+#: Largest per-slot step count stored in a dtype (counts saturate there): the fused op's own rule, one definition.
+step_limit = adamw_step_limit
 
 
 def step_dtype_for(betas: Tuple[float, float]) -> torch.dtype:
@@ -623,8 +621,8 @@ class SparseAdamW(SparseOptimizerBase):
                 raise ValueError(f"gradient of sparse values {i} has shape {tuple(g.shape)}, values {tuple(p.shape)}")
             if not g.is_contiguous():
                 grads[i] = g.contiguous()
-        if params and params[0].dtype in ops.adamw.ADAMW_PARAM_DTYPES:
-            ops.adamw.adamw_step_eager(*lists, **hyper)
+        if params and params[0].dtype in ADAMW_PARAM_DTYPES:
+            adamw_step_eager(*lists, **hyper)
         else:
             ops.adamw_step_(*lists, **hyper)  # raises the op's clear error for an unsupported dtype
 
