@@ -10,15 +10,13 @@ are reused on CUDA by tests/gpu/test_sddmm_gpu.py.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
-import traceback
 
 import pytest
 import torch
+
+import interpreted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -334,42 +332,9 @@ def _groups():
     return groups
 
 
-def _child_main() -> int:
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    results = {}
-    for name, fn in _groups().items():
-        t0 = time.time()
-        try:
-            n = fn("cpu")
-            results[name] = {"ok": True, "msg": f"{n} checks in {time.time() - t0:.1f}s"}
-        except Exception:
-            results[name] = {"ok": False, "msg": traceback.format_exc()[-3000:]}
-    print("SDDMM_RESULTS " + json.dumps(results))
-    return 0
-
-
 @pytest.fixture(scope="module")
 def interpreter_results():
-    if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
-        results = {}
-        for name, fn in _groups().items():
-            try:
-                results[name] = {"ok": True, "msg": f"{fn('cpu')} checks"}
-            except Exception:
-                results[name] = {"ok": False, "msg": traceback.format_exc()[-3000:]}
-        return results
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=1800, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("SDDMM_RESULTS "):
-            return json.loads(line[len("SDDMM_RESULTS "):])
-    raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return interpreted.interpreter_results(__file__, _groups)
 
 
 @pytest.mark.parametrize("group", ["triton_sparse", "triton_dense_tile_gather", "triton_dense_tile_scratch",
@@ -381,4 +346,4 @@ def test_triton_interpreted(interpreter_results, group):
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main())
+    sys.exit(interpreted.child_main(_groups))
