@@ -6,11 +6,14 @@
 
 Case: one layer's probe at T = 2048 tokens (the 7B e2e batch) with LoRA-r64-matched active deltas (2.14%) and
 k = 0.2 x active candidates (the first reselection's regrow count). Providers:
-  gemm fp32 out      the dense gradient as fp32, all at once: the floor the probe cannot beat
-  probe 2^24 / 2^26  ``top_gradient_entries`` with 16 M / 64 M gradient elements per block (the scheduler's
-                     ``block_elements``; 2^26 is the default)
-  block_top          the exact per-block top-k alone on one 2^24-element block
-  torch.topk         ``torch.topk`` on the same block (unsorted), for scale
+  gemm fp32 out          the dense gradient as fp32, all at once: the floor the probe cannot beat
+  probe <backend>        ``top_gradient_entries`` at the scheduler's default 2^26 gradient elements per block,
+                         with ``spiel.ops.select_topk_abs`` on each spiel backend that implements it
+  probe 2^24 <backend>   the same with 16 M elements per block (the multi-block path)
+  select <backend>       ``select_topk_abs`` alone on the layer's whole gradient (the real |grad| distribution),
+                         the active indices excluded
+  one pass (amax)        one streaming read of that gradient: the select's five passes cost ~5x this
+  torch.topk             ``torch.topk`` on the same gradient (unsorted, no exclusion), for scale
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--regrow", type=float, default=0.2, help="candidates = regrow x active")
     args = p.parse_args(argv)
     device = pick_device(args.device)
-    from spiel.scheduler._select import _block_top, top_gradient_entries
+    from spiel import ops
+    from spiel.ops._dispatch import kernel_for
+    from spiel.scheduler._select import top_gradient_entries
 
     T = args.tokens or (64 if args.small else 2048)
     shapes = [(300, 256), (128, 128)] if args.small else SHAPES
@@ -59,15 +64,32 @@ def main(argv=None) -> int:
                 gemm = lambda: torch.mm(G.t().float(), X.float())  # noqa: E731
             ref = runner.run(case, "gemm fp32 out", lambda: gemm, info, reference=True)
             ref_ms = ref.get("ms")
-            for log2 in (24, 26):
-                runner.run(case, f"probe 2^{log2}",
-                           lambda log2=log2: lambda: top_gradient_entries(G, X, active, k, 1 << log2), info,
+            grad = gemm().view(-1)
+            kb = min(k, grad.numel())
+            for backend in ("torch", "cuda"):
+                if kernel_for("select_topk_abs", backend) is None or not ops.backend_info()[backend]["available"] \
+                        or (backend == "cuda" and device.type != "cuda"):
+                    runner.record({"case": case, "provider": f"select {backend}",
+                                   "note": f"skipped: backend {backend} unavailable here"})
+                    continue
+
+                def with_backend(fn, backend=backend):
+                    def run():
+                        with ops.use_backend(backend):
+                            return fn()
+                    return run
+                runner.run(case, f"probe {backend}",
+                           lambda: with_backend(lambda: top_gradient_entries(G, X, active, k, 1 << 26)), info,
                            ref_ms=ref_ms)
-            block_n = min(n, 1 << 24) if not args.small else n
-            block = torch.rand(block_n, device=device, generator=g)
-            kb = min(k, block_n)
-            runner.run(case, "block_top", lambda: lambda: _block_top(block, kb), info, ref_ms=ref_ms)
-            runner.run(case, "torch.topk", lambda: lambda: torch.topk(block, kb, sorted=False), info, ref_ms=ref_ms)
+                runner.run(case, f"probe 2^24 {backend}",
+                           lambda: with_backend(lambda: top_gradient_entries(G, X, active, k, 1 << 24)), info,
+                           ref_ms=ref_ms)
+                runner.run(case, f"select {backend}",
+                           lambda: with_backend(lambda: torch.ops.spiel.select_topk_abs(grad, kb, active, 0)), info,
+                           ref_ms=ref_ms)  # the op itself, as the probe calls it: no validation syncs
+            runner.run(case, "one pass (amax)", lambda: lambda: grad.amax(), info, ref_ms=ref_ms)
+            runner.run(case, "torch.topk", lambda: lambda: torch.topk(grad, kb, sorted=False), info, ref_ms=ref_ms)
+            del grad
 
     def summary(runner: Runner) -> None:
         print_table(runner.rows, [("case", "case"), ("provider", "provider"), ("ms", "ms"),

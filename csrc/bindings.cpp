@@ -19,6 +19,7 @@ TORCH_LIBRARY_FRAGMENT(spiel, m) {
   m.def(
       "_cuda_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+  m.def("_cuda_select_topk_abs(Tensor x, int k, Tensor? exclude, int exclude_offset) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
@@ -27,6 +28,7 @@ TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
   m.impl("_cuda_nf4_quantize", &spiel::nf4_quantize_cuda);
   m.impl("_cuda_sddmm", &spiel::sddmm_cuda);
   m.impl("_cuda_adamw_step_", &spiel::adamw_step_cuda);
+  m.impl("_cuda_select_topk_abs", &spiel::select_topk_abs_cuda);
 }
 
 // `import spiel._C` loads the library (and with it the registrations above).

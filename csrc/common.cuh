@@ -145,7 +145,7 @@ __device__ __forceinline__ int64_t warp_lower_bound_unique(const IdxT* __restric
 
 inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Host-side metadata check of the entry points (no sync).
 inline void check_cuda_contig(const at::Tensor& t, const char* what, const char* name) {

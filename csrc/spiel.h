@@ -31,4 +31,10 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool maximize);
 
+// The k largest |x| (NaN as 0; positions in exclude - exclude_offset rank below all others; ties by the
+// smaller position) as (ascending int64 positions [k], their fp32 |x| [k]): radix select, no host sync.
+std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int64_t k,
+                                                        const std::optional<at::Tensor>& exclude,
+                                                        int64_t exclude_offset);
+
 }  // namespace spiel

@@ -155,10 +155,10 @@ def test_batched_topk_outer_rejects_bad_input():
 @pytest.fixture(params=["direct", "chunked"])
 def block_schedule(request, monkeypatch):
     """Both schedules of the probe's per-block top-k (the chunked one normally runs above 2**25 entries)."""
-    import spiel.scheduler._select as select
+    import spiel.ops.backends.reference.topk as reference_topk
 
     if request.param == "chunked":
-        monkeypatch.setattr(select, "_DIRECT_MAX", 0)
+        monkeypatch.setattr(reference_topk, "_DIRECT_MAX", 0)
     return request.param
 
 

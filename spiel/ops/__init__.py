@@ -10,6 +10,7 @@ and Triton / CUDA kernels where available, chosen by :func:`set_backend` (defaul
 ``sddmm_fp8``                   the same from e4m3 operands (opt-in, Hopper fp8 tensor cores)
 ``sparse_delta_linear``         the layer: autograd for input, values, bias (and candidates)
 ``topk_abs`` / ``topk_outer``   deterministic top-k (ties by position), outer product never formed
+``select_topk_abs``             the k largest |x| as an ascending set, excluded positions last (AG probe)
 ``adamw_step_``                 fused AdamW over lists of tensors with per-slot step counts (in place)
 ==============================  =================================================================
 """
@@ -28,7 +29,7 @@ from .nf4 import nf4_dequantize, nf4_dequantize_add_delta, nf4_quantize
 from .sddmm import sddmm, sddmm_plan
 from .sddmm_fp8 import sddmm_fp8
 from .linear import sparse_delta_linear, effective_weight
-from .topk import topk_abs, topk_outer
+from .topk import select_topk_abs, topk_abs, topk_outer
 from .adamw import adamw_step_
 from . import backends  # noqa: F401  (registers the kernels)
 
@@ -36,5 +37,5 @@ __all__ = [
     "AUTO_ORDER", "BACKENDS", "backend_info", "get_backend", "set_backend", "set_validation", "use_backend",
     "validation_enabled", "merge_delta", "nf4_dequantize", "nf4_dequantize_add_delta", "nf4_quantize", "sddmm",
     "sddmm_plan", "sddmm_fp8", "sparse_delta_linear", "effective_weight", "topk_abs", "topk_outer",
-    "adamw_step_",
+    "select_topk_abs", "adamw_step_",
 ]

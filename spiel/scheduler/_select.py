@@ -2,8 +2,8 @@
 without host syncs.
 
 - :func:`top_gradient_entries`: SpIEL-AG candidate selection. The top-c ``|grad_output^T @ input|`` positions
-  outside the active indices, computed in row blocks of the dense gradient with a running top-c: memory
-  O(c + block), never out x in.
+  outside the active indices, computed in row blocks of the dense gradient, each reduced by
+  ``spiel.ops.select_topk_abs``, with a running top-c: memory O(c + block), never out x in.
 - :func:`segmented_topk_abs`: the top-n_i ``|score|`` positions of many 1-D tensors at once (one sort).
 - :func:`merge_top`: merge two (position, score) sets into the best c.
 - :func:`union_top`: rank-consistent union of per-rank candidate sets (distributed AG).
@@ -18,8 +18,6 @@ __all__ = ["top_gradient_entries", "segmented_topk_abs", "top_abs_rows", "merge_
            "true_positions", "device_tensor"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_CHUNK = 16              # the chunked top-k ranks groups of this many entries by their maximum first
-_DIRECT_MAX = 1 << 25    # blocks up to this many entries take one plain torch.topk (see _block_top)
 
 
 # ------------------------------------------------------------------------------------------------ small tools
@@ -64,48 +62,6 @@ def merge_top(pos: torch.Tensor, score: torch.Tensor, k: int) -> Tuple[torch.Ten
     return pos, score
 
 
-def _block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending local positions (int64 [k]) of the k largest of ``scores`` (fp32 without NaN), ties by the
-    smaller position, whatever order ``torch.topk`` breaks ties in: the entries above the k-th value are all in
-    topk's answer; of those equal to it, the first ``k - above`` by position are taken (one compare pass).
-    (A Triton radix select with the same answer was measured 1.7-2.8x slower on the H100: NOTES, session 5.)
-
-    Two schedules, picked by size from H100 measurements (``benchmarks/bench_select.py``, NOTES "AG probe"):
-    up to 2**25 entries one ``torch.topk`` over the block and two mask scans (0.57 ms at 2**24 entries,
-    k = 193k, against 1.01 ms for the chunked schedule); above, a chunked two-stage top-k (topk over the
-    chunk maxima, then over the entries of the k best chunks) and one sort of the 2k chosen positions
-    (a 45M-entry layer probe: 1.52 ms against 2.02 ms with one topk over the whole block)."""
-    n = scores.numel()
-    device = scores.device
-    if k == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    if k >= n:
-        return torch.arange(n, device=device)
-    chunked = n > _DIRECT_MAX and n % _CHUNK == 0 and 4 * _CHUNK * k <= n
-    if chunked:
-        # chunk j = entries {j + i * n / CHUNK}: the k chunks of largest maximum hold every entry above the k-th
-        # largest chunk maximum t and at least k entries >= t, so their k largest have the block's k-th value
-        stride = n // _CHUNK
-        chunks = torch.topk(scores.view(_CHUNK, stride).amax(0), k, sorted=False).indices
-        cand_pos = (chunks[:, None] + torch.arange(0, n, stride, device=device)).view(-1)
-        top_values, at = torch.topk(scores.index_select(0, cand_pos), k, sorted=False)
-        top_pos = cand_pos.index_select(0, at)
-    else:
-        top_values, top_pos = torch.topk(scores, k, sorted=False)
-    kth = top_values.min()
-    above = top_values > kth                                          # all entries above kth; count a < k
-    ties = true_positions_padded(scores == kth, k)                    # first min(#ties, k) tied positions
-    take_ties = torch.arange(k, device=device) < (k - above.sum())    # the first k - a of them (all exist)
-    if chunked:
-        chosen = torch.cat([torch.where(above, top_pos, n), torch.where(take_ties, ties, n)])  # k valid, n = unused
-        return torch.sort(chosen).values[:k]
-    # mark the k chosen positions (slot n absorbs the unused ones) and read them back in ascending order
-    mask = torch.zeros(n + 1, dtype=torch.bool, device=device)
-    mask.index_fill_(0, torch.where(above, top_pos, n), True)
-    mask.index_fill_(0, torch.where(take_ties, ties, n), True)
-    return true_positions(mask[:n], k)
-
-
 @torch.no_grad()
 def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude: Optional[torch.Tensor], k: int,
                          block_elements: int = 1 << 26) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -139,20 +95,11 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
         return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device))
     low_precision = _uses_low_precision_gemm(grad_output, input)
     x = input if low_precision or input.dtype == torch.float32 else input.float()  # upcast once, not per block
-    # one buffer for every block, plus a scratch tail: exclude entry j marks its block's slot in its own block
-    # and scratch slot block_n + j in the others (distinct slots: one index_fill_, deterministic). A layer that
-    # fits one block (every 7B layer at the default block_elements) marks its excluded entries directly: five
-    # launches less per probed layer on a launch-bound backward, and no scratch tail.
-    one_block = rows_per_block >= out_f
-    buf = torch.empty(block_n + (0 if one_block else n_excl), dtype=torch.float32, device=device)
-    if n_excl:
-        excl = exclude.to(torch.int64)
-        if not one_block:
-            excl_block = torch.div(excl, block_n, rounding_mode="floor")
-            excl_slot = excl - excl_block * block_n
-            scratch = torch.arange(block_n, block_n + n_excl, device=device)
+    # one gradient buffer for every block; the selection op reads it (|.|, NaN as 0, the active indices of the
+    # block ranked last) without writing it: on CUDA a radix select of five streaming passes, no host sync
+    buf = torch.empty(block_n, dtype=torch.float32, device=device)
     tops_pos, tops_score, pending = [], [], 0
-    for b, r0 in enumerate(range(0, out_f, rows_per_block)):
+    for r0 in range(0, out_f, rows_per_block):
         r1 = min(out_f, r0 + rows_per_block)
         n = (r1 - r0) * in_f
         block = buf[:n]
@@ -161,15 +108,11 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
             torch.mm(go.t(), x, out_dtype=torch.float32, out=block.view(r1 - r0, in_f))
         else:
             torch.mm((go if go.dtype == torch.float32 else go.float()).t(), x, out=block.view(r1 - r0, in_f))
-        block.abs_()
-        torch.nan_to_num_(block, nan=0.0)
-        if n_excl and one_block:
-            block.index_fill_(0, excl, float("-inf"))
-        elif n_excl:
-            buf.index_fill_(0, torch.where(excl_block == b, excl_slot, scratch), float("-inf"))
-        local_top = _block_top(block, min(k, n))
-        tops_pos.append(local_top + r0 * in_f)
-        tops_score.append(block.index_select(0, local_top))
+        # a block with fewer than k entries outside exclude returns some excluded ones at -inf: the merge
+        # below never keeps them (k <= out * in - len(exclude) in all)
+        local_top, local_score = torch.ops.spiel.select_topk_abs(block, min(k, n), exclude, r0 * in_f)
+        tops_pos.append(local_top + r0 * in_f if r0 else local_top)
+        tops_score.append(local_score)
         pending += local_top.numel()
         if pending > 4 * k and len(tops_pos) > 1:  # bound the kept candidates: O(k) memory
             merged = merge_top(torch.cat(tops_pos), torch.cat(tops_score), k)

@@ -62,3 +62,11 @@ if AVAILABLE:
                        maximize) -> None:
             _ops._cuda_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), float(beta1),
                                    float(beta2), float(eps), float(weight_decay), bool(maximize))
+
+    if hasattr(_ops, "_cuda_select_topk_abs"):
+
+        @register_kernel("select_topk_abs", "cuda")
+        def select_topk_abs(x, k, exclude, exclude_offset):
+            # the kernel compares fp32 magnitudes; fp64 input is rounded first (the contract compares in fp32)
+            x = x.float() if x.dtype == torch.float64 else x
+            return _ops._cuda_select_topk_abs(x, int(k), exclude, int(exclude_offset))

@@ -5,6 +5,8 @@ from ..._dispatch import register_kernel
 
 # Streaming fallback of topk_outer: scores of at most this many entries exist at once.
 _BLOCK_ELEMENTS = 1 << 22
+_CHUNK = 16              # the chunked schedule of block_top ranks groups of this many entries by their maximum
+_DIRECT_MAX = 1 << 25    # blocks up to this many entries take one plain torch.topk (see block_top)
 
 
 def ranked(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,3 +105,61 @@ def topk_outer(row: torch.Tensor, col: torch.Tensor, k: int, exclude) -> torch.T
     positions = torch.sort(positions).values
     scores = row64[positions // n] * col64[positions % n]
     return ranked(scores, positions, k)
+
+
+def block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending positions (int64 [k]) of the k largest of ``scores`` (fp32 without NaN), ties by the smaller
+    position, whatever order ``torch.topk`` breaks ties in: the entries above the k-th value are all in topk's
+    answer; of those equal to it, the first ``k - above`` by position are taken (one compare pass).
+
+    Two schedules, picked by size from H100 measurements (``benchmarks/bench_select.py``, NOTES "AG probe"): up
+    to 2**25 entries one ``torch.topk`` and two mask scans (0.57 ms at 2**24 entries, k = 193k, against 1.01 ms
+    for the chunked schedule); above, a chunked two-stage top-k (topk over the chunk maxima, then over the
+    entries of the k best chunks) and one sort of the 2k chosen positions (1.52 ms for a 45M-entry layer
+    against 2.02 ms with one topk)."""
+    n = scores.numel()
+    device = scores.device
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if k >= n:
+        return torch.arange(n, device=device)
+    chunked = n > _DIRECT_MAX and n % _CHUNK == 0 and 4 * _CHUNK * k <= n
+    if chunked:
+        # chunk j = entries {j + i * n / CHUNK}: the k chunks of largest maximum hold every entry above the k-th
+        # largest chunk maximum t and at least k entries >= t, so their k largest have the block's k-th value
+        stride = n // _CHUNK
+        chunks = torch.topk(scores.view(_CHUNK, stride).amax(0), k, sorted=False).indices
+        cand_pos = (chunks[:, None] + torch.arange(0, n, stride, device=device)).view(-1)
+        top_values, at = torch.topk(scores.index_select(0, cand_pos), k, sorted=False)
+        top_pos = cand_pos.index_select(0, at)
+    else:
+        top_values, top_pos = torch.topk(scores, k, sorted=False)
+    kth = top_values.min()
+    above = top_values > kth                                                    # all entries above kth: a < k
+    ties = torch.nonzero_static(scores == kth, size=k, fill_value=-1).view(-1)  # first min(#ties, k) tied
+    take_ties = torch.arange(k, device=device) < (k - above.sum())              # the first k - a (all exist)
+    if chunked:
+        chosen = torch.cat([torch.where(above, top_pos, n), torch.where(take_ties, ties, n)])  # k valid, n unused
+        return torch.sort(chosen).values[:k]
+    # mark the k chosen positions (slot n absorbs the unused ones) and read them back in ascending order
+    mask = torch.zeros(n + 1, dtype=torch.bool, device=device)
+    mask.index_fill_(0, torch.where(above, top_pos, n), True)
+    mask.index_fill_(0, torch.where(take_ties, ties, n), True)
+    return torch.nonzero_static(mask[:n], size=k).view(-1)
+
+
+@register_kernel("select_topk_abs", "torch")
+def select_topk_abs(x: torch.Tensor, k: int, exclude, exclude_offset: int):
+    # magnitudes in fp32 with NaN as 0 (inf stays inf); excluded positions -inf, below every magnitude
+    scores = x.float().abs() if x.dtype != torch.float32 else x.abs()
+    torch.nan_to_num_(scores, nan=0.0, posinf=float("inf"))
+    if exclude is not None and exclude.numel():
+        n = x.numel()
+        local = exclude.to(torch.int64) - exclude_offset
+        inside = (local >= 0) & (local < n)
+        # out-of-range entries land in a scratch slot past the end (no host sync for the count)
+        padded = torch.cat([scores, scores.new_empty(1)])
+        padded.index_fill_(0, torch.where(inside, local, n), float("-inf"))
+        scores = padded[:n]
+    positions = block_top(scores, k)
+    return positions, scores.index_select(0, positions)

@@ -1,0 +1,343 @@
+// Exact top-k of |x| as a set (spiel::select_topk_abs, backend "cuda"): the SpIEL-AG probe's choice of the
+// k largest weight-gradient entries of a layer, 16.7M-67M entries per call.
+//
+// Order: key(x) = bits(fp32 |x|) + 1 (NaN as 0) orders magnitudes as unsigned ints; an excluded position
+// (in `exclude`, shifted by `exclude_offset`) has key 0, below every other; equal keys rank by the smaller
+// position. The answer is the k positions of largest (key, -position), written in ascending position order
+// with their |x| (-inf for an excluded one, returned only when fewer than k others exist).
+//
+// Schedule (each pass streams x once; no host sync, no sort: one memset and five kernels):
+//   hist<0..2>  radix select over 11 + 11 + 10 bits of the key: a shared-memory histogram per CTA of the keys
+//               whose higher bits match the prefix chosen so far (each CTA also moves the excluded entries of
+//               its share of `exclude` from their key's bin to key 0's), merged into a global histogram; the
+//               last CTA to finish picks the bin that holds the k-th key. After pass 2 the prefix is the k-th
+//               key T: `above` entries have a larger key and `need` = k - above of those equal to T are taken,
+//               the first by position.
+//   count       per warp-contiguous range: entries with key > T and key == T (the warp's slice of `exclude`
+//               corrected); the last CTA turns the per-warp counts into exclusive prefixes.
+//   write       the same warp ranges again: ballots give each chosen entry its output slot.
+// Integer atomics only, so the answer and every count are deterministic.
+#include <cub/block/block_scan.cuh>
+
+#include "common.cuh"
+#include "spiel.h"
+
+namespace spiel {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // independent loads in flight per thread
+constexpr int kMaxBins = 2048;
+// workspace (int32): the global histogram, the select state, then (above, ties) per warp of count/write
+constexpr int kCounter = kMaxBins;        // CTAs done with the current pass
+constexpr int kPrefix = kMaxBins + 1;     // key bits fixed so far (the k-th key T after pass 2)
+constexpr int kRemaining = kMaxBins + 2;  // how many of the entries matching the prefix are still to take
+constexpr int kAbove = kMaxBins + 3;      // entries whose key is above every key matching the prefix
+constexpr int kCounts = kMaxBins + 8;
+
+__host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+__host__ __device__ constexpr int pass_bits(int pass) { return pass == 2 ? 10 : 11; }
+
+template <typename T>
+__device__ __forceinline__ uint32_t key_of(T v) {
+  const float f = to_float(v);
+  return isnan(f) ? 1u : __float_as_uint(fabsf(f)) + 1u;  // at most 0x7f800001 (inf): bit 31 stays 0
+}
+
+__device__ __forceinline__ float magnitude_of(uint32_t key) {
+  return key == 0 ? -INFINITY : __uint_as_float(key - 1u);
+}
+
+// Whether `target` is in the sorted exclude[lo, hi) (a plain binary search: only entries at or above the
+// threshold key ask, ~k of them per call).
+template <typename IdxT>
+__device__ __forceinline__ bool is_excluded(const IdxT* __restrict__ exclude, int64_t lo, int64_t hi,
+                                            int64_t target) {
+  const int64_t end = hi;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (static_cast<int64_t>(__ldg(exclude + mid)) < target) lo = mid + 1; else hi = mid;
+  }
+  return lo < end && static_cast<int64_t>(__ldg(exclude + lo)) == target;
+}
+
+// The last CTA of a pass picks the bin of the k-th key among those matching the prefix (bins scanned from the
+// top) and resets the histogram and the CTA counter for the next pass.
+template <int PASS>
+__device__ void pick_bin(int* __restrict__ ws, int k) {
+  constexpr int shift = pass_shift(PASS), bins = 1 << pass_bits(PASS), per_thread = bins / kThreads;
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int remaining = PASS == 0 ? k : __ldcg(ws + kRemaining);
+  int counts[per_thread];
+  int sum = 0;
+#pragma unroll
+  for (int j = 0; j < per_thread; ++j) {  // thread t holds bins bins-1-t*per_thread-j: descending keys
+    counts[j] = __ldcg(ws + (bins - 1 - threadIdx.x * per_thread - j));
+    sum += counts[j];
+  }
+  int before;
+  Scan(scan_storage).ExclusiveSum(sum, before);
+#pragma unroll
+  for (int j = 0; j < per_thread; ++j) {
+    if (before < remaining && remaining <= before + counts[j]) {  // exactly one bin holds the k-th key
+      const int bin = bins - 1 - threadIdx.x * per_thread - j;
+      const int prefix = PASS == 0 ? 0 : __ldcg(ws + kPrefix);
+      const int above = PASS == 0 ? 0 : __ldcg(ws + kAbove);
+      ws[kPrefix] = prefix | (bin << shift);
+      ws[kRemaining] = remaining - before;
+      ws[kAbove] = above + before;
+    }
+    before += counts[j];
+  }
+  __syncthreads();  // every thread has read its bins before they are cleared
+  for (int i = threadIdx.x; i < kMaxBins; i += kThreads) ws[i] = 0;
+  if (threadIdx.x == 0) ws[kCounter] = 0;
+}
+
+// Whether this CTA is the last of the grid to arrive (after its global writes are visible).
+__device__ __forceinline__ bool last_to_arrive(int* __restrict__ ws) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ws + kCounter, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+template <typename T, typename IdxT, int PASS>
+__global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x, int64_t n,
+                                                       const IdxT* __restrict__ exclude, int64_t n_excl,
+                                                       int64_t exclude_offset, int k, int* __restrict__ ws) {
+  constexpr int shift = pass_shift(PASS), bins = 1 << pass_bits(PASS), high = shift + pass_bits(PASS);
+  __shared__ int hist[bins];
+  for (int i = threadIdx.x; i < bins; i += kThreads) hist[i] = 0;
+  const uint32_t prefix = PASS == 0 ? 0u : static_cast<uint32_t>(ws[kPrefix]);
+  __syncthreads();
+  auto matches = [&](uint32_t key) {
+    if constexpr (PASS == 0) {
+      return true;  // (high is 32 here: no shift)
+    } else {
+      return (key >> high) == (prefix >> high);
+    }
+  };
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kUnroll;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll; base < n; base += stride) {
+    uint32_t keys[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kThreads + threadIdx.x;
+      keys[u] = i < n ? key_of(x[i]) : 0u;  // 0: no entry (never matches past pass 0, skipped below)
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const bool take = base + u * kThreads + threadIdx.x < n && matches(keys[u]);
+      const uint32_t bin = (keys[u] >> shift) & (bins - 1);
+      if (PASS == 0) {
+        // every entry counts in pass 0, most in a few exponent bins: one shared atomic per distinct bin of
+        // the warp instead of one per entry (the loop trip count is uniform, so all lanes are here)
+        const uint32_t peers = __match_any_sync(kFullMask, take ? bin : 0xffffffffu);
+        if (take && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + bin, __popc(peers));
+      } else if (take) {
+        atomicAdd(hist + bin, 1);
+      }
+    }
+  }
+  // this CTA's share of the exclude list: each excluded entry moves from its key's bin to key 0's
+  const int64_t share = ceil_div(n_excl, static_cast<int64_t>(gridDim.x));
+  const int64_t e_end = min(n_excl, (blockIdx.x + 1) * share);
+  for (int64_t e = blockIdx.x * share + threadIdx.x; e < e_end; e += kThreads) {
+    const int64_t pos = static_cast<int64_t>(exclude[e]) - exclude_offset;
+    if (pos < 0 || pos >= n) continue;
+    const uint32_t key = key_of(x[pos]);
+    if (matches(key)) atomicSub(hist + ((key >> shift) & (bins - 1)), 1);
+    if (matches(0u)) atomicAdd(hist + 0, 1);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < bins; i += kThreads)
+    if (hist[i] != 0) atomicAdd(ws + i, hist[i]);  // net counts (may be negative for a CTA, never in total)
+  if (last_to_arrive(ws)) pick_bin<PASS>(ws, k);
+}
+
+// Loads kUnroll * 32 keys of the warp range starting at `base` (lane-interleaved: entry base + u * 32 + lane).
+template <typename T>
+__device__ __forceinline__ void load_keys(const T* __restrict__ x, int64_t base, int64_t end, int lane,
+                                          uint32_t (&keys)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + u * 32 + lane;
+    keys[u] = i < end ? key_of(x[i]) : 0u;
+  }
+}
+
+template <typename T, typename IdxT>
+__global__ void __launch_bounds__(kThreads) count_kernel(const T* __restrict__ x, int64_t n,
+                                                        const IdxT* __restrict__ exclude, int64_t n_excl,
+                                                        int64_t exclude_offset, int64_t warp_range,
+                                                        int* __restrict__ ws) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
+  const uint32_t threshold = static_cast<uint32_t>(ws[kPrefix]);
+  int above = 0, ties = 0;
+  for (int64_t base = start; base < end; base += 32 * kUnroll) {
+    uint32_t keys[kUnroll];
+    load_keys(x, base, end, lane, keys);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const bool valid = base + u * 32 + lane < end;
+      above += valid && keys[u] > threshold;
+      ties += valid && keys[u] == threshold;
+    }
+  }
+  if (n_excl > 0 && start < end) {  // the warp's excluded entries have key 0, not their data's key
+    const int64_t lo = warp_lower_bound(exclude, 0, n_excl, exclude_offset + start);
+    const int64_t hi = warp_lower_bound(exclude, lo, n_excl, exclude_offset + end);
+    for (int64_t e = lo + lane; e < hi; e += 32) {
+      const uint32_t key = key_of(x[static_cast<int64_t>(exclude[e]) - exclude_offset]);
+      above -= key > threshold;
+      ties += (threshold == 0u) - (key == threshold);
+    }
+  }
+  above = __reduce_add_sync(kFullMask, above);
+  ties = __reduce_add_sync(kFullMask, ties);
+  if (lane == 0) {
+    ws[kCounts + 2 * warp] = above;
+    ws[kCounts + 2 * warp + 1] = ties;
+  }
+  if (!last_to_arrive(ws)) return;
+  // exclusive prefixes of (above, ties) over the warps in order, packed in one 64-bit sum (each < 2**31)
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t per_thread = ceil_div(warps, static_cast<int64_t>(kThreads));
+  const int64_t w0 = min(warps, threadIdx.x * per_thread), w1 = min(warps, w0 + per_thread);
+  auto packed = [&](int64_t w) {
+    return (static_cast<unsigned long long>(__ldcg(ws + kCounts + 2 * w)) << 32) +
+           static_cast<unsigned long long>(static_cast<uint32_t>(__ldcg(ws + kCounts + 2 * w + 1)));
+  };
+  unsigned long long sum = 0;
+  for (int64_t w = w0; w < w1; ++w) sum += packed(w);
+  unsigned long long before;
+  Scan(scan_storage).ExclusiveSum(sum, before);
+  for (int64_t w = w0; w < w1; ++w) {
+    const unsigned long long mine = packed(w);
+    ws[kCounts + 2 * w] = static_cast<int>(before >> 32);
+    ws[kCounts + 2 * w + 1] = static_cast<int>(before & 0xffffffffu);
+    before += mine;
+  }
+}
+
+template <typename T, typename IdxT>
+__global__ void __launch_bounds__(kThreads) write_kernel(const T* __restrict__ x, int64_t n,
+                                                        const IdxT* __restrict__ exclude, int64_t n_excl,
+                                                        int64_t exclude_offset, int64_t warp_range,
+                                                        const int* __restrict__ ws, int64_t* __restrict__ positions,
+                                                        float* __restrict__ magnitudes) {
+  const int lane = threadIdx.x & 31;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
+  if (start >= end) return;  // warp-uniform
+  const uint32_t threshold = static_cast<uint32_t>(ws[kPrefix]);
+  const int need = ws[kRemaining];  // ties to take, the first by position
+  int above_before = ws[kCounts + 2 * warp], ties_before = ws[kCounts + 2 * warp + 1];
+  int64_t lo = 0, hi = 0;
+  if (n_excl > 0) {
+    lo = warp_lower_bound(exclude, 0, n_excl, exclude_offset + start);
+    hi = warp_lower_bound(exclude, lo, n_excl, exclude_offset + end);
+  }
+  for (int64_t base = start; base < end; base += 32 * kUnroll) {
+    uint32_t keys[kUnroll];
+    load_keys(x, base, end, lane, keys);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      uint32_t key = keys[u];
+      const bool candidate = i < end && key >= threshold;
+      if (candidate && lo < hi && is_excluded(exclude, lo, hi, exclude_offset + i)) key = 0u;
+      const bool is_above = candidate && key > threshold;
+      const bool is_tie = candidate && key == threshold;
+      const unsigned above_mask = __ballot_sync(kFullMask, is_above);
+      const unsigned tie_mask = __ballot_sync(kFullMask, is_tie);
+      const int my_above = above_before + __popc(above_mask & lanes_below);
+      const int my_ties = ties_before + __popc(tie_mask & lanes_below);
+      if (is_above || (is_tie && my_ties < need)) {
+        const int64_t slot = static_cast<int64_t>(my_above) + min(my_ties, need);  // chosen entries before i
+        positions[slot] = i;
+        magnitudes[slot] = magnitude_of(key);
+      }
+      above_before += __popc(above_mask);
+      ties_before += __popc(tie_mask);
+    }
+  }
+}
+
+int sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device] = sms > 0 ? sms : 1;
+  }
+  return cached[device];
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int64_t k,
+                                                        const std::optional<at::Tensor>& exclude,
+                                                        int64_t exclude_offset) {
+  constexpr const char* what = "spiel::_cuda_select_topk_abs";
+  check_cuda_contig(x, what, "x");
+  TORCH_CHECK(x.dim() == 1, what, ": x must be 1-D");
+  const int64_t n = x.numel();
+  TORCH_CHECK(n < (int64_t{1} << 31), what, ": x must have fewer than 2**31 elements");
+  TORCH_CHECK(0 <= k && k <= n, what, ": k must be in [0, ", n, "], got ", k);
+  const bool has_exclude = exclude.has_value() && exclude->numel() > 0;
+  if (has_exclude) {
+    check_cuda_contig(*exclude, what, "exclude");
+    TORCH_CHECK(exclude->dim() == 1 && exclude->device() == x.device(), what,
+                ": exclude must be 1-D on x's device");
+  }
+  auto positions = at::empty({k}, x.options().dtype(at::kLong));
+  auto magnitudes = at::empty({k}, x.options().dtype(at::kFloat));
+  if (k == 0) return {positions, magnitudes};
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(n, static_cast<int64_t>(kThreads) * kUnroll), 4 * sm_count(x.get_device())));
+  const int64_t warps = blocks * kWarps;
+  const int64_t warp_range = ceil_div(ceil_div(n, warps), 32 * kUnroll) * 32 * kUnroll;
+  auto ws = at::zeros({kCounts + 2 * warps}, x.options().dtype(at::kInt));
+  int* ws_ptr = ws.data_ptr<int>();
+  const int64_t n_excl = has_exclude ? exclude->numel() : 0;
+  const auto index_type = has_exclude ? exclude->scalar_type() : at::kInt;
+  SPIEL_DISPATCH_FLOAT(x.scalar_type(), T, what, [&] {
+    SPIEL_DISPATCH_INDEX(index_type, IdxT, what, [&] {
+      const T* x_ptr = static_cast<const T*>(x.data_ptr());
+      const IdxT* excl_ptr = has_exclude ? static_cast<const IdxT*>(exclude->data_ptr()) : nullptr;
+      const int k32 = static_cast<int>(k);
+      const dim3 grid(static_cast<unsigned>(blocks));
+      hist_kernel<T, IdxT, 0><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      hist_kernel<T, IdxT, 1><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      hist_kernel<T, IdxT, 2><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      count_kernel<T, IdxT><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, warp_range,
+                                                           ws_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      write_kernel<T, IdxT><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, warp_range,
+                                                           ws_ptr, positions.data_ptr<int64_t>(),
+                                                           magnitudes.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {positions, magnitudes};
+}
+
+}  // namespace spiel

@@ -1,0 +1,84 @@
+"""``spiel.ops.select_topk_abs`` on the GPU: the CUDA radix select against the exact oracle of
+tests/test_select_op.py (identical positions and magnitudes, ties and excluded positions included) at odd and
+real probe sizes, and the AG probe on the CUDA and reference backends (identical answers)."""
+import os
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import spiel.ops as ops  # noqa: E402
+from spiel.ops._dispatch import kernel_for  # noqa: E402
+from test_select_op import check_select, oracle  # noqa: E402
+
+DEV = "cuda"
+
+
+def _cuda():
+    if not ops.backend_info()["cuda"]["available"] or kernel_for("select_topk_abs", "cuda") is None:
+        pytest.skip("the CUDA backend (spiel._C with select_topk_abs) is unavailable")
+    return kernel_for("select_topk_abs", "cuda")
+
+
+def test_small_and_odd():
+    assert check_select(_cuda(), DEV, sizes=(1, 7, 1000, 4099, (1 << 16) + 3, 300_001)) > 300
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096)])
+def test_probe_sizes(shape):
+    """A real |gradient| block (bf16 GEMM, fp32 out) with the 7B probe's exclusion (LoRA-r64 density 2.14%) and
+    regrow count (20% of it); also bf16 input, a tiny k and k = n - len(exclude)."""
+    kernel = _cuda()
+    g = torch.Generator(device=DEV).manual_seed(0)
+    out_f, in_f = shape
+    n = out_f * in_f
+    go = torch.randn(2048, out_f, device=DEV, dtype=torch.bfloat16, generator=g)
+    x = torch.randn(2048, in_f, device=DEV, dtype=torch.bfloat16, generator=g)
+    grad = torch.mm(go.t(), x, out_dtype=torch.float32).view(-1)
+    active = torch.randperm(n, device=DEV, generator=g)[: int(n * 0.0214)].sort().values
+    k = int(active.numel() * 0.2)
+    for values, exclude, kk in ((grad, active.int(), k), (grad, active, 1), (grad.bfloat16(), active.int(), k),
+                                (grad, active.int(), n - active.numel()), (grad, None, k)):
+        got = kernel(values, kk, exclude, 0)
+        want = oracle(values, kk, exclude, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (values.dtype, kk)
+        again = kernel(values, kk, exclude, 0)
+        assert torch.equal(again[0], got[0]) and torch.equal(again[1], got[1])  # deterministic
+
+
+def test_massive_ties_near_the_block_limit():
+    """2**26 entries in four magnitudes: the threshold bin holds tens of millions of ties."""
+    kernel = _cuda()
+    g = torch.Generator(device=DEV).manual_seed(1)
+    n = (1 << 26) - 5
+    values = torch.randint(0, 4, (n,), device=DEV, generator=g).float()
+    exclude = torch.randperm(n, device=DEV, generator=g)[: n // 10].sort().values
+    for k in (1000, n // 3, n - exclude.numel() + 7):  # the last returns 7 excluded entries at -inf
+        got = kernel(values, k, exclude, 0)
+        want = oracle(values, k, exclude, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), k
+
+
+@pytest.mark.parametrize("block_elements", [1 << 26, 1 << 22])
+def test_probe_backends_agree(block_elements):
+    """top_gradient_entries: the CUDA select and the reference give the same candidates (one block per layer,
+    and row blocks with shifted exclusion)."""
+    _cuda()
+    from spiel.scheduler._select import top_gradient_entries
+
+    g = torch.Generator(device=DEV).manual_seed(2)
+    go = torch.randn(512, 11008, device=DEV, dtype=torch.bfloat16, generator=g)
+    x = torch.randn(512, 4096, device=DEV, dtype=torch.bfloat16, generator=g)
+    exclude = torch.randperm(11008 * 4096, device=DEV, generator=g)[:964_000].sort().values.int()
+    with ops.use_backend("torch"):
+        want = top_gradient_entries(go, x, exclude, 192_979, block_elements)
+    with ops.use_backend("cuda"):
+        got = top_gradient_entries(go, x, exclude, 192_979, block_elements)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
