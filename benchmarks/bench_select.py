@@ -30,12 +30,31 @@ from harness import Runner, common_args, fmt, guarded_main, pick_device, print_h
 SHAPES = [(11008, 4096), (4096, 4096)]
 
 
+def kernel_breakdown(case: str, fn, calls: int = 20) -> None:
+    """Mean GPU time per call of each kernel ``fn`` launches (torch.profiler), printed as a small table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / calls / 1000.0, e.count // calls) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    print(f"\n{case}: kernels per call (ms)")
+    for name, ms, count in sorted(rows, key=lambda r: -r[1]):
+        print(f"  {ms:8.4f}  x{count}  {name[:110]}")
+
+
 def main(argv=None) -> int:
     p = common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--tokens", type=int, default=None, help="T (default 2048, --small 64)")
     p.add_argument("--small", action="store_true", help="small shapes (CPU smoke test)")
     p.add_argument("--density", type=float, default=0.0214, help="active density (LoRA r64-matched on 7B)")
     p.add_argument("--regrow", type=float, default=0.2, help="candidates = regrow x active")
+    p.add_argument("--kernels", action="store_true",
+                   help="also print the CUDA select's time per kernel (torch.profiler, 20 calls per shape)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     from spiel import ops
@@ -87,6 +106,8 @@ def main(argv=None) -> int:
                 runner.run(case, f"select {backend}",
                            lambda: with_backend(lambda: torch.ops.spiel.select_topk_abs(grad, kb, active, 0)), info,
                            ref_ms=ref_ms)  # the op itself, as the probe calls it: no validation syncs
+            if args.kernels and device.type == "cuda" and kernel_for("select_topk_abs", "cuda") is not None:
+                kernel_breakdown(case, lambda: kernel_for("select_topk_abs", "cuda")(grad, kb, active, 0))
             runner.run(case, "one pass (amax)", lambda: lambda: grad.amax(), info, ref_ms=ref_ms)
             runner.run(case, "torch.topk", lambda: lambda: torch.topk(grad, kb, sorted=False), info, ref_ms=ref_ms)
             del grad

@@ -13,10 +13,12 @@
 //               last CTA to finish picks the bin that holds the k-th key. After pass 2 the prefix is the k-th
 //               key T: `above` entries have a larger key and `need` = k - above of those equal to T are taken,
 //               the first by position.
-//   count       per warp-contiguous range: entries with key > T and key == T (the warp's slice of `exclude`
-//               corrected); the last CTA turns the per-warp counts into exclusive prefixes.
-//   write       the same warp ranges again: ballots give each chosen entry its output slot.
+//   count       per warp-contiguous range: entries with key > T and key == T (the warp's excluded entries
+//               marked in a shared-memory bitmap per 8192-entry segment); per-warp and per-CTA totals.
+//   write       the same warp ranges again: each CTA sums the totals of the CTAs before it; ballots give each
+//               chosen entry its output slot.
 // Integer atomics only, so the answer and every count are deterministic.
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "common.cuh"
@@ -27,14 +29,17 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // independent loads in flight per thread
+constexpr int kUnroll = 4;      // independent loads in flight per thread of the histogram passes
+constexpr int kWarpUnroll = 8;  // the same per lane of count/write (each warp walks its own range)
+constexpr int kSegment = 8192;  // entries per exclusion bitmap of a warp in count/write (1 KiB of shared memory)
+constexpr int kSegmentWords = kSegment / 32;
 constexpr int kMaxBins = 2048;
 // workspace (int32): the global histogram, the select state, then (above, ties) per warp of count/write
 constexpr int kCounter = kMaxBins;        // CTAs done with the current pass
 constexpr int kPrefix = kMaxBins + 1;     // key bits fixed so far (the k-th key T after pass 2)
 constexpr int kRemaining = kMaxBins + 2;  // how many of the entries matching the prefix are still to take
 constexpr int kAbove = kMaxBins + 3;      // entries whose key is above every key matching the prefix
-constexpr int kCounts = kMaxBins + 8;
+constexpr int kCounts = kMaxBins + 8;    // then (above, ties) per CTA of count/write, then per warp
 
 __host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
 __host__ __device__ constexpr int pass_bits(int pass) { return pass == 2 ? 10 : 11; }
@@ -47,19 +52,6 @@ __device__ __forceinline__ uint32_t key_of(T v) {
 
 __device__ __forceinline__ float magnitude_of(uint32_t key) {
   return key == 0 ? -INFINITY : __uint_as_float(key - 1u);
-}
-
-// Whether `target` is in the sorted exclude[lo, hi) (a plain binary search: only entries at or above the
-// threshold key ask, ~k of them per call).
-template <typename IdxT>
-__device__ __forceinline__ bool is_excluded(const IdxT* __restrict__ exclude, int64_t lo, int64_t hi,
-                                            int64_t target) {
-  const int64_t end = hi;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (static_cast<int64_t>(__ldg(exclude + mid)) < target) lo = mid + 1; else hi = mid;
-  }
-  return lo < end && static_cast<int64_t>(__ldg(exclude + lo)) == target;
 }
 
 // The last CTA of a pass picks the bin of the k-th key among those matching the prefix (bins scanned from the
@@ -135,14 +127,9 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x,
     for (int u = 0; u < kUnroll; ++u) {
       const bool take = base + u * kThreads + threadIdx.x < n && matches(keys[u]);
       const uint32_t bin = (keys[u] >> shift) & (bins - 1);
-      if (PASS == 0) {
-        // every entry counts in pass 0, most in a few exponent bins: one shared atomic per distinct bin of
-        // the warp instead of one per entry (the loop trip count is uniform, so all lanes are here)
-        const uint32_t peers = __match_any_sync(kFullMask, take ? bin : 0xffffffffu);
-        if (take && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + bin, __popc(peers));
-      } else if (take) {
-        atomicAdd(hist + bin, 1);
-      }
+      // plain shared atomics, even in pass 0 where most entries fall in a few exponent bins: aggregating
+      // equal bins per warp with __match_any_sync measured 2.4x slower (0.206 vs 0.086 ms at 45M entries)
+      if (take) atomicAdd(hist + bin, 1);
     }
   }
   // this CTA's share of the exclude list: each excluded entry moves from its key's bin to key 0's
@@ -161,118 +148,156 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x,
   if (last_to_arrive(ws)) pick_bin<PASS>(ws, k);
 }
 
-// Loads kUnroll * 32 keys of the warp range starting at `base` (lane-interleaved: entry base + u * 32 + lane).
+// Loads kWarpUnroll * 32 keys of a warp range starting at `base` (lane-interleaved: entry base + u * 32 + lane).
 template <typename T>
 __device__ __forceinline__ void load_keys(const T* __restrict__ x, int64_t base, int64_t end, int lane,
-                                          uint32_t (&keys)[kUnroll]) {
+                                          uint32_t (&keys)[kWarpUnroll]) {
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < kWarpUnroll; ++u) {
     const int64_t i = base + u * 32 + lane;
     keys[u] = i < end ? key_of(x[i]) : 0u;
   }
 }
 
+// Walks the warp's range [start, end) in position order, kWarpUnroll * 32 entries at a time, calling
+// visit(i, valid, key) in every lane (all lanes together, so visit may use warp votes), with key 0 for an
+// excluded entry. The warp's excluded entries are marked segment by segment in a bitmap in shared memory,
+// filled from a coalesced walk of `exclude` (its entries are sorted): one broadcast shared load per 32 entries
+// instead of a binary search per candidate (which made the write pass 2x a streaming pass).
+template <typename T, typename IdxT, typename Visit>
+__device__ __forceinline__ void walk_range(const T* __restrict__ x, int64_t start, int64_t end,
+                                           const IdxT* __restrict__ exclude, int64_t n_excl,
+                                           int64_t exclude_offset, uint32_t* __restrict__ bitmap, Visit visit) {
+  const int lane = threadIdx.x & 31;
+  int64_t next = n_excl > 0 ? warp_lower_bound(exclude, 0, n_excl, exclude_offset + start) : 0;
+  for (int64_t seg = start; seg < end; seg += kSegment) {
+    const int64_t seg_end = min(end, seg + kSegment);
+    if (n_excl > 0) {
+      for (int w = lane; w < kSegmentWords; w += 32) bitmap[w] = 0u;
+      __syncwarp();
+      while (true) {  // place the exclude entries of [seg, seg_end), 32 at a time
+        const int64_t e = next + lane;
+        const int64_t pos = e < n_excl ? static_cast<int64_t>(exclude[e]) - exclude_offset : INT64_MAX;
+        const bool inside = pos < seg_end;  // and >= seg: the earlier ones were placed before
+        if (inside) atomicOr(bitmap + ((pos - seg) >> 5), 1u << ((pos - seg) & 31));
+        const int placed = __popc(__ballot_sync(kFullMask, inside));
+        next += placed;
+        if (placed < 32) break;
+      }
+      __syncwarp();
+    }
+    for (int64_t base = seg; base < seg_end; base += 32 * kWarpUnroll) {
+      uint32_t keys[kWarpUnroll];
+      load_keys(x, base, seg_end, lane, keys);
+#pragma unroll
+      for (int u = 0; u < kWarpUnroll; ++u) {
+        const int64_t i = base + u * 32 + lane;
+        // base - seg is a multiple of 32 * kWarpUnroll: word u of this group is entry i's, bit `lane`
+        if (n_excl > 0 && ((bitmap[((base - seg) >> 5) + u] >> lane) & 1u)) keys[u] = 0u;
+        visit(i, i < seg_end, keys[u]);
+      }
+    }
+    __syncwarp();  // every lane has read the bitmap before the next segment clears it
+  }
+}
+
+__device__ __forceinline__ unsigned long long pack_counts(int above, int ties) {
+  return (static_cast<unsigned long long>(static_cast<uint32_t>(above)) << 32) + static_cast<uint32_t>(ties);
+}
+
+__device__ __forceinline__ unsigned long long load_counts(const int* __restrict__ at) {
+  return pack_counts(__ldcg(at), __ldcg(at + 1));
+}
+
+// Per warp range: entries with key > T and key == T. Writes each warp's counts and each CTA's total.
 template <typename T, typename IdxT>
 __global__ void __launch_bounds__(kThreads) count_kernel(const T* __restrict__ x, int64_t n,
                                                         const IdxT* __restrict__ exclude, int64_t n_excl,
                                                         int64_t exclude_offset, int64_t warp_range,
                                                         int* __restrict__ ws) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  __shared__ uint32_t bitmaps[kWarps][kSegmentWords];
+  __shared__ unsigned long long warp_counts[kWarps];
+  const int lane = threadIdx.x & 31, warp_in_cta = threadIdx.x / 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + warp_in_cta;
   const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
   const uint32_t threshold = static_cast<uint32_t>(ws[kPrefix]);
   int above = 0, ties = 0;
-  for (int64_t base = start; base < end; base += 32 * kUnroll) {
-    uint32_t keys[kUnroll];
-    load_keys(x, base, end, lane, keys);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const bool valid = base + u * 32 + lane < end;
-      above += valid && keys[u] > threshold;
-      ties += valid && keys[u] == threshold;
-    }
-  }
-  if (n_excl > 0 && start < end) {  // the warp's excluded entries have key 0, not their data's key
-    const int64_t lo = warp_lower_bound(exclude, 0, n_excl, exclude_offset + start);
-    const int64_t hi = warp_lower_bound(exclude, lo, n_excl, exclude_offset + end);
-    for (int64_t e = lo + lane; e < hi; e += 32) {
-      const uint32_t key = key_of(x[static_cast<int64_t>(exclude[e]) - exclude_offset]);
-      above -= key > threshold;
-      ties += (threshold == 0u) - (key == threshold);
-    }
-  }
+  walk_range(x, start, end, exclude, n_excl, exclude_offset, bitmaps[warp_in_cta],
+             [&](int64_t, bool valid, uint32_t key) {
+               above += valid && key > threshold;
+               ties += valid && key == threshold;
+             });
   above = __reduce_add_sync(kFullMask, above);
   ties = __reduce_add_sync(kFullMask, ties);
+  int* const cta_totals = ws + kCounts;
+  int* const warp_totals = cta_totals + 2 * gridDim.x;
   if (lane == 0) {
-    ws[kCounts + 2 * warp] = above;
-    ws[kCounts + 2 * warp + 1] = ties;
+    warp_totals[2 * warp] = above;
+    warp_totals[2 * warp + 1] = ties;
+    warp_counts[warp_in_cta] = pack_counts(above, ties);
   }
-  if (!last_to_arrive(ws)) return;
-  // exclusive prefixes of (above, ties) over the warps in order, packed in one 64-bit sum (each < 2**31)
-  using Scan = cub::BlockScan<unsigned long long, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t per_thread = ceil_div(warps, static_cast<int64_t>(kThreads));
-  const int64_t w0 = min(warps, threadIdx.x * per_thread), w1 = min(warps, w0 + per_thread);
-  auto packed = [&](int64_t w) {
-    return (static_cast<unsigned long long>(__ldcg(ws + kCounts + 2 * w)) << 32) +
-           static_cast<unsigned long long>(static_cast<uint32_t>(__ldcg(ws + kCounts + 2 * w + 1)));
-  };
-  unsigned long long sum = 0;
-  for (int64_t w = w0; w < w1; ++w) sum += packed(w);
-  unsigned long long before;
-  Scan(scan_storage).ExclusiveSum(sum, before);
-  for (int64_t w = w0; w < w1; ++w) {
-    const unsigned long long mine = packed(w);
-    ws[kCounts + 2 * w] = static_cast<int>(before >> 32);
-    ws[kCounts + 2 * w + 1] = static_cast<int>(before & 0xffffffffu);
-    before += mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long total = 0;
+    for (int w = 0; w < kWarps; ++w) total += warp_counts[w];  // (above, ties) < 2**31 each: no carry
+    cta_totals[2 * blockIdx.x] = static_cast<int>(total >> 32);
+    cta_totals[2 * blockIdx.x + 1] = static_cast<int>(total & 0xffffffffu);
   }
 }
 
+// The same warp ranges: ballots give each chosen entry its slot (the chosen entries before it).
 template <typename T, typename IdxT>
 __global__ void __launch_bounds__(kThreads) write_kernel(const T* __restrict__ x, int64_t n,
                                                         const IdxT* __restrict__ exclude, int64_t n_excl,
                                                         int64_t exclude_offset, int64_t warp_range,
                                                         const int* __restrict__ ws, int64_t* __restrict__ positions,
                                                         float* __restrict__ magnitudes) {
-  const int lane = threadIdx.x & 31;
-  const unsigned lanes_below = (1u << lane) - 1u;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
-  if (start >= end) return;  // warp-uniform
-  const uint32_t threshold = static_cast<uint32_t>(ws[kPrefix]);
-  const int need = ws[kRemaining];  // ties to take, the first by position
-  int above_before = ws[kCounts + 2 * warp], ties_before = ws[kCounts + 2 * warp + 1];
-  int64_t lo = 0, hi = 0;
-  if (n_excl > 0) {
-    lo = warp_lower_bound(exclude, 0, n_excl, exclude_offset + start);
-    hi = warp_lower_bound(exclude, lo, n_excl, exclude_offset + end);
-  }
-  for (int64_t base = start; base < end; base += 32 * kUnroll) {
-    uint32_t keys[kUnroll];
-    load_keys(x, base, end, lane, keys);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * 32 + lane;
-      uint32_t key = keys[u];
-      const bool candidate = i < end && key >= threshold;
-      if (candidate && lo < hi && is_excluded(exclude, lo, hi, exclude_offset + i)) key = 0u;
-      const bool is_above = candidate && key > threshold;
-      const bool is_tie = candidate && key == threshold;
-      const unsigned above_mask = __ballot_sync(kFullMask, is_above);
-      const unsigned tie_mask = __ballot_sync(kFullMask, is_tie);
-      const int my_above = above_before + __popc(above_mask & lanes_below);
-      const int my_ties = ties_before + __popc(tie_mask & lanes_below);
-      if (is_above || (is_tie && my_ties < need)) {
-        const int64_t slot = static_cast<int64_t>(my_above) + min(my_ties, need);  // chosen entries before i
-        positions[slot] = i;
-        magnitudes[slot] = magnitude_of(key);
-      }
-      above_before += __popc(above_mask);
-      ties_before += __popc(tie_mask);
+  __shared__ uint32_t bitmaps[kWarps][kSegmentWords];
+  __shared__ unsigned long long warp_before[kWarps];
+  using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
+  __shared__ typename Reduce::TempStorage reduce_storage;
+  const int lane = threadIdx.x & 31, warp_in_cta = threadIdx.x / 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + warp_in_cta;
+  const int* const cta_totals = ws + kCounts;
+  const int* const warp_totals = cta_totals + 2 * gridDim.x;
+  // this warp's exclusive prefix of (above, ties): the CTAs before this one, then the warps before it
+  unsigned long long before_cta = 0;
+  for (int b = threadIdx.x; b < static_cast<int>(blockIdx.x); b += kThreads) before_cta += load_counts(cta_totals + 2 * b);
+  before_cta = Reduce(reduce_storage).Sum(before_cta);
+  if (threadIdx.x < kWarps) warp_before[threadIdx.x] = load_counts(warp_totals + 2 * (blockIdx.x * kWarps + threadIdx.x));
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long running = before_cta;
+    for (int w = 0; w < kWarps; ++w) {
+      const unsigned long long mine = warp_before[w];
+      warp_before[w] = running;
+      running += mine;
     }
   }
+  __syncthreads();
+  const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
+  if (start >= end) return;  // warp-uniform, after the CTA-wide steps
+  const uint32_t threshold = static_cast<uint32_t>(ws[kPrefix]);
+  const int need = ws[kRemaining];  // ties to take, the first by position
+  int above_before = static_cast<int>(warp_before[warp_in_cta] >> 32);
+  int ties_before = static_cast<int>(warp_before[warp_in_cta] & 0xffffffffu);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  walk_range(x, start, end, exclude, n_excl, exclude_offset, bitmaps[warp_in_cta],
+             [&](int64_t i, bool valid, uint32_t key) {
+               const bool is_above = valid && key > threshold;
+               const bool is_tie = valid && key == threshold;
+               const unsigned above_mask = __ballot_sync(kFullMask, is_above);
+               const unsigned tie_mask = __ballot_sync(kFullMask, is_tie);
+               const int my_above = above_before + __popc(above_mask & lanes_below);
+               const int my_ties = ties_before + __popc(tie_mask & lanes_below);
+               if (is_above || (is_tie && my_ties < need)) {
+                 const int64_t slot = static_cast<int64_t>(my_above) + min(my_ties, need);
+                 positions[slot] = i;
+                 magnitudes[slot] = magnitude_of(key);
+               }
+               above_before += __popc(above_mask);
+               ties_before += __popc(tie_mask);
+             });
 }
 
 int sm_count(int device) {
@@ -284,6 +309,15 @@ int sm_count(int device) {
     cached[device] = sms > 0 ? sms : 1;
   }
   return cached[device];
+}
+
+// CTAs of `kernel` resident per SM: grids are sized to one full wave (a partial second wave of these
+// streaming kernels would cost up to a third of their time).
+template <typename Kernel>
+int resident_ctas(Kernel kernel) {
+  int ctas = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, 0));
+  return ctas > 0 ? ctas : 1;
 }
 
 }  // namespace
@@ -308,25 +342,32 @@ std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int
   if (k == 0) return {positions, magnitudes};
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div(n, static_cast<int64_t>(kThreads) * kUnroll), 4 * sm_count(x.get_device())));
-  const int64_t warps = blocks * kWarps;
-  const int64_t warp_range = ceil_div(ceil_div(n, warps), 32 * kUnroll) * 32 * kUnroll;
-  auto ws = at::zeros({kCounts + 2 * warps}, x.options().dtype(at::kInt));
-  int* ws_ptr = ws.data_ptr<int>();
+  const int64_t max_blocks = std::max<int64_t>(1, ceil_div(n, static_cast<int64_t>(kThreads) * kUnroll));
+  const int sms = sm_count(x.get_device());
   const int64_t n_excl = has_exclude ? exclude->numel() : 0;
   const auto index_type = has_exclude ? exclude->scalar_type() : at::kInt;
   SPIEL_DISPATCH_FLOAT(x.scalar_type(), T, what, [&] {
     SPIEL_DISPATCH_INDEX(index_type, IdxT, what, [&] {
+      // one wave each: the histogram passes stride over x; count and write share one warp partition
+      static const int hist_ctas = std::min({resident_ctas(hist_kernel<T, IdxT, 0>),
+                                             resident_ctas(hist_kernel<T, IdxT, 1>),
+                                             resident_ctas(hist_kernel<T, IdxT, 2>)});
+      static const int scan_ctas = std::min(resident_ctas(count_kernel<T, IdxT>), resident_ctas(write_kernel<T, IdxT>));
+      const int64_t hist_blocks = std::min<int64_t>(max_blocks, static_cast<int64_t>(hist_ctas) * sms);
+      const int64_t blocks = std::min<int64_t>(max_blocks, static_cast<int64_t>(scan_ctas) * sms);
+      const int64_t warps = blocks * kWarps;
+      const int64_t warp_range = ceil_div(ceil_div(n, warps), 32 * kWarpUnroll) * 32 * kWarpUnroll;
+      auto ws = at::zeros({kCounts + 2 * blocks + 2 * warps}, x.options().dtype(at::kInt));
+      int* ws_ptr = ws.data_ptr<int>();
       const T* x_ptr = static_cast<const T*>(x.data_ptr());
       const IdxT* excl_ptr = has_exclude ? static_cast<const IdxT*>(exclude->data_ptr()) : nullptr;
       const int k32 = static_cast<int>(k);
-      const dim3 grid(static_cast<unsigned>(blocks));
-      hist_kernel<T, IdxT, 0><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
+      const dim3 hist_grid(static_cast<unsigned>(hist_blocks)), grid(static_cast<unsigned>(blocks));
+      hist_kernel<T, IdxT, 0><<<hist_grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      hist_kernel<T, IdxT, 1><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
+      hist_kernel<T, IdxT, 1><<<hist_grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      hist_kernel<T, IdxT, 2><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
+      hist_kernel<T, IdxT, 2><<<hist_grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       count_kernel<T, IdxT><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, warp_range,
                                                            ws_ptr);
