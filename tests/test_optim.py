@@ -291,3 +291,87 @@ def test_step_leaves_gradients_untouched_single_layer(Opt):
     opt.step()
     assert torch.equal(layer.values.grad, g)
     assert not torch.equal(layer.values.detach(), torch.zeros_like(g))
+
+
+def _random_reorder(L, k, gen):
+    """order [L, k] (any old slot, -1 where regrown) and regrown [L, k], as an index update hands them over."""
+    regrown = torch.rand(L, k, generator=gen) < 0.3
+    order = torch.randint(0, k, (L, k), generator=gen).masked_fill(regrown, -1)
+    return order, regrown
+
+
+def _reindex_fixture(Opt, seed=0):
+    """Layers of three shapes sharing k, values fp32/bf16/fp16, warmed state; some state made irregular:
+    bf16 moments and int32 steps on one layer, no state on another, a state tensor of another length."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 8), (12, 5), (10, 10)]
+    vdt = [torch.float32, torch.bfloat16, torch.float16]
+    layers = nn.ModuleList([SparseDeltaLinear(shapes[i % 3][1], shapes[i % 3][0], num_deltas=20, generator=g,
+                                              values_dtype=vdt[i % 3]) for i in range(7)])
+    opt = SparseAdamW(layers, lr=0.1) if Opt is SparseAdamW else SM3(layers, lr=0.1, momentum=0.9)
+    for step in range(2):
+        for layer in layers:
+            layer.values.grad = torch.randn(20, generator=g).to(layer.values.dtype)
+        opt.step()
+    states = [opt.state[layer.values] for layer in layers]
+    if Opt is SparseAdamW:
+        states[1]["exp_avg"] = states[1]["exp_avg"].bfloat16()
+        states[1]["step"] = states[1]["step"].to(torch.int32)
+        states[4]["exp_avg_sq"] = torch.cat([states[4]["exp_avg_sq"], torch.rand(3, generator=g)])
+    else:
+        states[4]["momentum_buffer"] = torch.cat([states[4]["momentum_buffer"], torch.rand(3, generator=g)])
+    del opt.state[layers[2].values]
+    return layers, opt
+
+
+@pytest.mark.parametrize("Opt", [SparseAdamW, SM3])
+def test_reindex_many_matches_per_layer_reindex(Opt):
+    order, regrown = _random_reorder(7, 20, torch.Generator().manual_seed(5))
+    layers_a, opt_a = _reindex_fixture(Opt)
+    for layer, o, r in zip(layers_a, order, regrown):
+        opt_a.reindex(layer, o, r)
+    layers_b, opt_b = _reindex_fixture(Opt)
+    before = {id(layer.values): dict(opt_b.state.get(layer.values, {})) for layer in layers_b}
+    opt_b.reindex_many(list(layers_b), order, regrown)
+    for la, lb in zip(layers_a, layers_b):
+        sa, sb = opt_a.state.get(la.values, {}), opt_b.state.get(lb.values, {})
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+            if key in Opt._slot_state and before[id(lb.values)][key].numel() == 20:
+                assert sb[key] is before[id(lb.values)][key]  # written in place: no new tensor per layer
+    odd_key = "exp_avg_sq" if Opt is SparseAdamW else "momentum_buffer"
+    assert opt_b.state[layers_b[4].values][odd_key].numel() == 20  # the other length: reindexed as reindex does
+    assert layers_b[2].values not in opt_b.state
+    with pytest.raises(ValueError):
+        opt_b.reindex_many(list(layers_b), order[:3], regrown[:3])
+
+    class Logged(Opt):
+        calls = 0
+
+        def reindex(self, layer, order, regrown, seed=None):
+            Logged.calls += 1
+            super().reindex(layer, order, regrown, seed)
+
+    layers_c, _ = _reindex_fixture(Opt)
+    opt_c = Logged(layers_c, lr=0.1)
+    opt_c.reindex_many(list(layers_c), order, regrown)
+    assert Logged.calls == 7  # a subclass's own reindex is never bypassed
+
+
+def test_reindex_many_with_aliased_state_matches_per_layer():
+    """Two layers sharing one state tensor (written in place, one would overwrite the other): new tensors."""
+    runs = []
+    for batched in (False, True):
+        layers, opt = _reindex_fixture(SparseAdamW)
+        shared = opt.state[layers[0].values]["exp_avg"]
+        opt.state[layers[3].values]["exp_avg"] = shared
+        order, regrown = _random_reorder(7, 20, torch.Generator().manual_seed(6))
+        if batched:
+            opt.reindex_many(list(layers), order, regrown)
+        else:
+            for layer, o, r in zip(layers, order, regrown):
+                opt.reindex(layer, o, r)
+        runs.append([opt.state[layer.values]["exp_avg"].clone() for layer in (layers[0], layers[3])] + [shared])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

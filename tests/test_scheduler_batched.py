@@ -9,10 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import spiel.ops.backends.sddmm_plan as plan_module
 from spiel import ops
-from spiel.nn.linear import SparseDeltaLinear
+from spiel.nn.linear import SparseDeltaLinear, set_indices_many
 from spiel.optim import SM3, SparseAdamW
 from spiel.scheduler import SpielScheduler, batched_topk_outer, segmented_topk_abs, top_gradient_entries
 from spiel.scheduler._select import true_positions, true_positions_padded
+from spiel.scheduler import _replace as replace
 from spiel.scheduler.spiel_scheduler import _generic_reindex
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -511,3 +512,166 @@ def test_cuda_index_update_syncs(mode, monkeypatch):
         opt.zero_grad()
     assert len(sched.last_update) == 6
     assert syncs[:3] == [0, 0, 0] and syncs[3] <= (1 if mode == "ma" else 0), syncs
+
+
+# ----------------------------------------------------------------------------------------------- batched install
+def _install_fixture(optimizer, n_layers=7, seed=0, merged_for_training=True, device="cpu"):
+    """Layers of three shapes sharing k (values fp32/bf16/fp16, int32/int64 indices, one merged for training),
+    the optimizer warmed by two steps, gradients set, and the regrown positions [L, n] of one update."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    shapes, k, n = [(6, 8), (12, 5), (10, 10)], 20, 6
+    vdt = [torch.float32, torch.bfloat16, torch.float16]
+    layers = nn.ModuleList()
+    for i in range(n_layers):
+        out_f, in_f = shapes[i % 3]
+        layer = SparseDeltaLinear(in_f, out_f, num_deltas=k, generator=g, values_dtype=vdt[i % 3])
+        if i % 2:
+            layer.indices = layer.indices.to(torch.int64)
+            layer._rebuild_plan()
+        layers.append(layer.to(device))
+    if merged_for_training:
+        layers[3].merge_(train=True)
+    if optimizer == "sparse_adamw":
+        opt = SparseAdamW(layers, lr=0.1)
+    elif optimizer == "sparse_adamw_bf16":
+        opt = SparseAdamW(layers, lr=0.1, state_dtype=torch.bfloat16, betas=(0.9, 0.9999))  # int32 steps
+    elif optimizer == "sm3":
+        opt = SM3(layers, lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW([layer.values for layer in layers], lr=0.1, eps=1e-3)  # fp16 values: no 0/0
+    for step in range(3):
+        for layer in layers:
+            layer.values.grad = _ties((k,), g, dtype=layer.values.dtype, device=device)  # ties in |values|
+        if step < 2:
+            opt.step()
+    regrown = []
+    for layer in layers:
+        free = torch.ones(layer.in_features * layer.out_features, dtype=torch.bool)
+        free[layer.indices.long().cpu()] = False
+        pool = free.nonzero().view(-1)
+        regrown.append(pool[torch.randperm(pool.numel(), generator=g)[:n]].sort().values)
+    return layers, opt, torch.stack(regrown).to(device)
+
+
+def _bits(t):
+    """The tensor's bit pattern (-0.0 and NaN payloads included)."""
+    if not t.is_floating_point():
+        return t
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+class _PerLayerOptimizer:
+    """The optimizer as the per-layer path sees it: its state and ``reindex`` (if any), no ``reindex_many``."""
+
+    def __init__(self, opt):
+        self.state = opt.state
+        if hasattr(opt, "reindex"):
+            self.reindex = opt.reindex
+
+
+def _per_layer_set_indices(layers, indices, values):
+    for layer, idx, vals in zip(layers, indices.unbind(0), values.unbind(0)):
+        replace.set_indices_trusted(layer, idx, vals)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("optimizer", ["sparse_adamw", "sparse_adamw_bf16", "sm3", "torch_adamw"])
+def test_drop_and_regrow_batched_install_matches_per_layer(device, optimizer, monkeypatch):
+    """set_indices_many + reindex_many leave every layer and the optimizer exactly as the per-layer
+    set_indices(validate=False) + reindex did: indices, values, Parameter identity and version counters, grads,
+    plans, merged-for-training weights, optimizer state (dtypes included)."""
+    runs = []
+    for batched in (True, False):
+        layers, opt, regrown = _install_fixture(optimizer, device=device)
+        params = [layer.values for layer in layers]
+        with monkeypatch.context() as m:
+            if not batched:
+                m.setattr(replace, "set_indices_trusted_many", _per_layer_set_indices)
+            replace.drop_and_regrow(list(layers), regrown, opt if batched else _PerLayerOptimizer(opt),
+                                    _generic_reindex)
+        assert all(layer.values is p for layer, p in zip(layers, params))
+        runs.append((layers, opt))
+    (la, oa), (lb, ob) = runs
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(1)).to(device)
+    for a, b in zip(la, lb):
+        assert a.indices.dtype == b.indices.dtype and torch.equal(a.indices, b.indices)
+        assert a.values.dtype == b.values.dtype and torch.equal(_bits(a.values), _bits(b.values))
+        assert a.values._version == b.values._version and a.indices._version == b.indices._version
+        assert a.values.grad is None and b.values.grad is None and a.values.requires_grad and a.values.is_leaf
+        assert (a.sddmm_plan is None) == (b.sddmm_plan is None)
+        if a.sddmm_plan is not None:
+            assert torch.equal(a.sddmm_plan, b.sddmm_plan)
+        assert a.train_merged == b.train_merged
+        if a.merged:
+            assert torch.equal(a.merge_saved, b.merge_saved) and torch.equal(a.weight, b.weight)
+        sa, sb = oa.state.get(a.values, {}), ob.state.get(b.values, {})
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert sa[key].dtype == sb[key].dtype and torch.equal(_bits(sa[key]), _bits(sb[key])), key
+        xi = x[:, :a.in_features]
+        assert torch.equal(_bits(a(xi)), _bits(b(xi)))
+        if a.merged:
+            assert torch.equal(a.weight, b.weight)
+    for a, b in zip(la, lb):  # and training goes on identically
+        a.values.grad = b.values.grad = torch.ones_like(a.values)
+    oa.step()
+    ob.step()
+    for a, b in zip(la, lb):
+        assert torch.equal(_bits(a.values), _bits(b.values))
+
+
+def test_set_indices_many_refuses_a_layer_merged_for_inference_before_any_change():
+    layers, _, regrown = _install_fixture("torch_adamw", merged_for_training=False)
+    layers[4].merge_()
+    before = [layer.indices.clone() for layer in layers]
+    k = layers[0].indices.numel()
+    new = torch.stack([torch.arange(k)] * len(layers))
+    with pytest.raises(RuntimeError, match="merged"):
+        set_indices_many(list(layers), new, torch.zeros(len(layers), k))
+    assert all(torch.equal(layer.indices, b) for layer, b in zip(layers, before))
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts aten ops (all, and those that are no view: the ones that may launch a kernel); paused while
+    ``paused`` is set (the sddmm plans: built per layer by spiel.ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.all = self.compute = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.all += 1
+            self.compute += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["sparse_adamw", "sm3"])
+def test_drop_and_regrow_ops_do_not_grow_with_layers(optimizer, monkeypatch):
+    """The update of a batch of layers issues a fixed number of compute ops whatever L (the per-layer path issued
+    ~10 per layer: a copy of indices and values, a gather and a fill per state tensor); what still grows is one
+    ``.data`` alias per layer (no kernel), and the sddmm plans (spiel.ops', not counted)."""
+    counts = {}
+    for n_layers in (4, 40):
+        layers, opt, regrown = _install_fixture(optimizer, n_layers=n_layers, merged_for_training=False)
+        counter = _OpCounter()
+        rebuild = replace.rebuild_plans
+
+        def uncounted(layers, _rebuild=rebuild):
+            counter.paused = True
+            try:
+                _rebuild(layers)
+            finally:
+                counter.paused = False
+        monkeypatch.setattr(replace, "rebuild_plans", uncounted)
+        with counter:
+            replace.drop_and_regrow(list(layers), regrown, opt, _generic_reindex)
+        monkeypatch.undo()
+        counts[n_layers] = (counter.all, counter.compute)
+    (all4, compute4), (all40, compute40) = counts[4], counts[40]
+    # values of three dtypes and indices of two: a cast each per batch, not per layer
+    assert compute40 <= compute4 + 4, counts
+    assert all40 - all4 <= 2 * 36, counts

@@ -11,7 +11,8 @@ import functools
 import math
 import operator
 import sys
-from typing import Callable, Optional
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ from ..ops.backends import sddmm_plan as _plan
 from ..quant.nf4 import NF4Weight
 
 __all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit",
-           "rebuild_sddmm_plans"]
+           "rebuild_sddmm_plans", "set_indices_many"]
 
 INT32_LIMIT = 2**31 - 1
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -470,7 +471,8 @@ class SparseDeltaLinear(nn.Linear):
                 and indices.shape == self.indices.shape and not indices.is_floating_point() \
                 and indices.dtype != torch.bool and isinstance(values, torch.Tensor) and values.is_floating_point() \
                 and values.shape == indices.shape:
-            # trusted, same k: copy straight into the buffers (the casts happen inside copy_)
+            # trusted, same k: copy straight into the buffers (the casts happen inside copy_); set_indices_many
+            # is this branch for many layers: keep the two in step
             self.indices.copy_(indices.detach())
             self.values.data.copy_(values.detach())
             self.values.grad = None
@@ -738,3 +740,50 @@ def rebuild_sddmm_plans(layers) -> None:
     for layer, idx, need in zip(layers, plan_indices, needed):
         layer.sddmm_plan = (torch.ops.spiel.sddmm_plan(idx.contiguous(), layer.out_features, layer.in_features)
                             if need else None)
+
+
+@torch.no_grad()
+def set_indices_many(layers: Sequence["SparseDeltaLinear"], indices: torch.Tensor, values: torch.Tensor, *,
+                     rebuild_plan: bool = True) -> None:
+    """``layers[i].set_indices(indices[i], values[i], validate=False, rebuild_plan=False)`` for every i, then one
+    :func:`rebuild_sddmm_plans` (``rebuild_plan=True``), with a number of launches independent of the layer count.
+
+    ``indices`` (integer) and ``values`` (floating) are [L, k]; the caller guarantees each row sorted, unique, in
+    range and disjoint from the layer's candidates (the trusted path). Layers of k entries on the rows' device
+    get the rows copied into their existing ``indices`` buffer and ``values`` storage (through ``.data``, as
+    :meth:`SparseDeltaLinear.set_indices` does: the Parameter keeps its identity and version counter) by one cast
+    and one foreach copy per dtype, and their ``.grad`` reset to None; the others (merged for training, another k
+    or device) go through :meth:`SparseDeltaLinear.set_indices` one by one. No host sync. RuntimeError, before any
+    layer changes, when a layer is merged for inference.
+    """
+    if indices.dim() != 2 or indices.shape != values.shape or indices.shape[0] != len(layers):
+        raise ValueError(f"set_indices_many: indices and values must be [len(layers)={len(layers)}, k], got "
+                         f"{tuple(indices.shape)} and {tuple(values.shape)}")
+    k = indices.shape[1]
+    by_index_dtype: Dict[torch.dtype, list] = defaultdict(list)  # dtype -> [(indices buffer, row)]
+    by_value_dtype: Dict[torch.dtype, list] = defaultdict(list)  # dtype -> [(values Parameter, row)]
+    one_by_one = []
+    for row, layer in enumerate(layers):
+        idx, vals = layer.indices, layer.values  # nn.Module.__getattr__ once each: this loop is host-bound
+        if layer.merge_saved is not None:
+            if not layer.train_merged:
+                raise RuntimeError("set_indices on a merged SparseDeltaLinear: unmerge it first")
+            one_by_one.append(row)  # unmerge, set, merge again: set_indices' own O(k) path
+        elif idx.shape == vals.shape == (k,) and idx.device == indices.device and vals.device == values.device:
+            by_index_dtype[idx.dtype].append((idx, row))
+            by_value_dtype[vals.dtype].append((vals, row))
+        else:
+            one_by_one.append(row)
+    for row in one_by_one:
+        layers[row].set_indices(indices[row], values[row], validate=False, rebuild_plan=False)
+    # per dtype: one cast of the whole batch and one foreach copy (copy_ would cast row by row)
+    for dtype, items in by_index_dtype.items():
+        rows = indices.to(dtype).unbind(0)
+        torch._foreach_copy_([idx for idx, _ in items], [rows[r] for _, r in items])
+    for dtype, items in by_value_dtype.items():
+        rows = values.to(dtype).unbind(0)
+        torch._foreach_copy_([vals.data for vals, _ in items], [rows[r] for _, r in items])
+        for vals, _ in items:
+            vals.grad = None
+    if rebuild_plan:
+        rebuild_sddmm_plans(layers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 
 import copy
+import functools
 import math
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -441,6 +442,59 @@ class SparseOptimizerBase(torch.optim.Optimizer):
             else:
                 new.masked_fill_(regrown, fill)
             state[key] = new
+
+    @torch.no_grad()
+    def reindex_many(self, layers: Sequence, order: torch.Tensor, regrown: torch.Tensor) -> None:
+        """:meth:`reindex` (without seeds) of many layers after one index update: row i of ``order`` (int64) and
+        ``regrown`` (bool), both [L, k], is for ``layers[i]``.
+
+        Per state kind and dtype, the layers' per-slot tensors are stacked, gathered by ``order``, reset at the
+        regrown slots and written back into the same tensors by one foreach copy: a fixed number of launches
+        whatever L, and the same values as :meth:`reindex` per layer. A state tensor not of k elements on
+        ``order``'s device, or one shared by two layers, is reindexed as :meth:`reindex` does (a new tensor);
+        a subclass that overrides :meth:`reindex` gets it called per layer. No host sync.
+        """
+        if order.dim() != 2 or order.shape != regrown.shape or order.shape[0] != len(layers):
+            raise ValueError(f"reindex_many: order and regrown must be [len(layers)={len(layers)}, k], got "
+                             f"{tuple(order.shape)} and {tuple(regrown.shape)}")
+        if type(self).reindex is not SparseOptimizerBase.reindex:
+            for layer, o, r in zip(layers, order.unbind(0), regrown.unbind(0)):
+                self.reindex(layer, o, r)
+            return
+        params = [layer.values if isinstance(layer, nn.Module) else layer for layer in layers]
+        states = [self.state.get(p) for p in params]
+        if not any(states):
+            return
+        k = order.shape[1]
+        src = order.to(torch.int64).clamp(min=0)
+        regrown = regrown.to(torch.bool)
+        rows_of = functools.cache(lambda t: t.unbind(0))  # src / regrown in rows: once, where a subset needs them
+        for key, fill in self._slot_state.items():
+            by_dtype: Dict[torch.dtype, list] = defaultdict(list)  # dtype -> [(row, state tensor)]
+            for row, state in enumerate(states):
+                t = state.get(key) if state else None
+                if isinstance(t, torch.Tensor) and t.dim() == 1:
+                    by_dtype[t.dtype].append((row, t))
+            for items in by_dtype.values():
+                aliased = len({id(t) for _, t in items}) < len(items)  # in place, one would overwrite the other
+                stacked = []
+                for row, t in items:
+                    if not aliased and t.shape[0] == k and t.device == src.device:
+                        stacked.append((row, t))
+                    else:  # the per-layer rule: a new tensor
+                        o, g = rows_of(src)[row].to(t.device), rows_of(regrown)[row].to(t.device)
+                        new = t.index_select(0, o) if o.numel() else t.new_empty(0)
+                        states[row][key] = new.masked_fill_(g, fill)
+                if not stacked:
+                    continue
+                if len(stacked) == len(states):
+                    idx, fresh = src, regrown
+                else:
+                    idx = torch.stack([rows_of(src)[row] for row, _ in stacked])
+                    fresh = torch.stack([rows_of(regrown)[row] for row, _ in stacked])
+                targets = [t for _, t in stacked]
+                new = torch.stack(targets).gather(1, idx).masked_fill_(fresh, fill)
+                torch._foreach_copy_(targets, list(new.unbind(0)))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Like ``torch.optim.Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (torch

@@ -2,8 +2,9 @@
 
 Layers are batched when they share a device, k and the number n of indices replaced; for each batch the drop (keep
 the ``k - n`` largest ``|value|``, ties: the larger position leaves), the merge of kept and regrown positions and
-the gathering of the new values are a fixed number of launches on ``[L, k]`` tensors. Each layer then gets its new
-indices through the trusted ``set_indices(..., validate=False)`` and its optimizer state is permuted.
+the gathering of the new values are a fixed number of launches on ``[L, k]`` tensors, and so are the writes of the
+new indices and values into the layers (:func:`spiel.nn.linear.set_indices_many`, the trusted ``set_indices``) and
+the permutation of the optimizer's per-slot state (its ``reindex_many``, else ``reindex`` per layer).
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Callable, Dict, Hashable, List, Sequence, Tuple, TypeVar
 
 import torch
 
-from ..nn.linear import SparseDeltaLinear, rebuild_sddmm_plans
+from ..nn.linear import SparseDeltaLinear, rebuild_sddmm_plans, set_indices_many
 from ._select import top_abs_rows
 
-__all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_candidates_trusted", "rebuild_plans"]
+__all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_indices_trusted_many", "set_candidates_trusted",
+           "rebuild_plans", "reindex_many"]
 
 #: Most elements (L * k) one batch of the update works on: bounds its temporaries (about 40 bytes per element).
 #: H100, 7B AG: at 2**26 the update step peaked 4.4 GiB above the plain steps, at 2**24 0.73 GiB (then the
@@ -53,6 +55,32 @@ def set_indices_trusted(layer, indices: torch.Tensor, values: torch.Tensor) -> N
         layer.set_indices(indices, values, validate=False, rebuild_plan=False)
     else:  # a layer-contract look-alike: its own set_indices
         layer.set_indices(indices, values)
+
+
+def set_indices_trusted_many(layers: Sequence, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """:func:`set_indices_trusted` of every ``layers[i]`` with row i of ``indices`` / ``values`` [L, k]: batched
+    (:func:`spiel.nn.linear.set_indices_many`) when every layer is a :class:`SparseDeltaLinear`. Plans left stale."""
+    if all(isinstance(layer, SparseDeltaLinear) for layer in layers):
+        set_indices_many(layers, indices, values, rebuild_plan=False)
+        return
+    for layer, idx, vals in zip(layers, indices.unbind(0), values.unbind(0)):
+        set_indices_trusted(layer, idx, vals)
+
+
+def reindex_many(optimizer, layers: Sequence, order: torch.Tensor, regrown: torch.Tensor, reindex_fallback) -> None:
+    """The optimizer's per-slot state of ``layers`` permuted after an index update (row i of ``order`` /
+    ``regrown`` [L, k] for ``layers[i]``): its ``reindex_many`` when it has one, else its ``reindex`` per layer,
+    else ``reindex_fallback(optimizer, values, order, regrown)`` per layer."""
+    batched = getattr(optimizer, "reindex_many", None)
+    if callable(batched):
+        batched(layers, order, regrown)
+        return
+    reindex = getattr(optimizer, "reindex", None)
+    for layer, o, r in zip(layers, order.unbind(0), regrown.unbind(0)):
+        if callable(reindex):
+            reindex(layer, o, r)
+        else:
+            reindex_fallback(optimizer, layer.values, o, r)
 
 
 def set_candidates_trusted(layer, candidates: torch.Tensor) -> None:
@@ -96,15 +124,15 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
     Args:
         layers: layers of one device with the same k.
         regrown: int64 [L, n] ascending per row, disjoint from each layer's indices (0 < n <= k).
-        optimizer: its ``reindex(layer, order, regrown)`` is called per layer when it has one, else
-            ``reindex_fallback(optimizer, values, order, regrown)``.
+        optimizer: its ``reindex_many(layers, order, regrown)`` is called when it has one, else its
+            ``reindex(layer, order, regrown)`` per layer, else ``reindex_fallback(optimizer, values, order, regrown)``.
     """
     L, n = regrown.shape
     k = layers[0].values.numel()
     if any(layer.values.numel() != k for layer in layers) or not 0 < n <= k:
         raise ValueError("drop_and_regrow: the layers of a batch must share k, with 0 < n <= k")
     device = regrown.device
-    values = torch.stack([layer.values.detach() for layer in layers])             # [L, k]
+    values = torch.stack([layer.values for layer in layers])                      # [L, k] (no_grad: no detach)
     old = torch.stack([layer.indices for layer in layers]).to(torch.int64)        # [L, k]
     kept_slots = top_abs_rows(values, k - n, ascending=True)                       # [L, k - n]
     kept = old.gather(1, kept_slots)
@@ -113,13 +141,9 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
     src.scatter_(1, slot_kept, kept_slots).scatter_(1, slot_regrown, -1)
     is_regrown = src < 0
     new_values = values.gather(1, src.clamp(min=0)).masked_fill_(is_regrown, 0)
-    reindex = getattr(optimizer, "reindex", None)
-    # one unbind per tensor (L views from one op) instead of 4 L indexing calls: the loop is host-bound
-    for layer, idx, vals, order, fresh in zip(layers, new_indices.unbind(0), new_values.unbind(0), src.unbind(0),
-                                              is_regrown.unbind(0)):
-        set_indices_trusted(layer, idx, vals)
-        if callable(reindex):
-            reindex(layer, order, fresh)
-        else:
-            reindex_fallback(optimizer, layer.values, order, fresh)
+    # the writes and the reindex have [L, k] temporaries of their own: free the drop's first (peak memory)
+    del values, old, kept_slots, kept, slot_kept, slot_regrown
+    set_indices_trusted_many(layers, new_indices, new_values)
+    del new_indices, new_values
+    reindex_many(optimizer, layers, src, is_regrown, reindex_fallback)
     rebuild_plans(layers)

@@ -420,7 +420,7 @@ class SpielScheduler:
                 slots = top_abs_rows(torch.stack([it[3] for it in batch]), n, ascending=True)   # [L, n]
                 cands = torch.stack([it[2] for it in batch]).to(torch.int64)                   # ascending
                 regrown = cands.gather(1, slots.to(cands.device))
-                todo.extend((it[0], it[1], regrown[i]) for i, it in enumerate(batch))
+                todo.extend((it[0], it[1], row) for it, row in zip(batch, regrown.unbind(0)))  # one op, not L
             self._clear_window(keep_plan_of={name for name, _, _ in todo})
         else:
             wanted = [(name, layer, self.num_regrow(layer, t)) for name, layer in self.layers]
@@ -439,7 +439,7 @@ class SpielScheduler:
                                             [it[2] for it in batch], [it[1].indices for it in batch],
                                             ordered=False)
                 regrown = torch.sort(torch.stack(picked), dim=1).values
-                todo.extend((it[0], it[1], regrown[i]) for i, it in enumerate(batch))
+                todo.extend((it[0], it[1], row) for it, row in zip(batch, regrown.unbind(0)))  # one op, not L
         self._apply(todo)
         if self.check_consistency and _dist.world(self.process_group)[0] > 1:
             self._verify()
