@@ -21,6 +21,8 @@ Providers:
   spiel-ag       spiel.nn.inject + spiel.optim.SparseAdamW + SpielScheduler(mode="ag")
   spiel-ag-merged  the same, trained merged (spiel.nn.merge(model, train=True): W + delta kept in the weight,
                  no merge kernel in the step)
+  spiel-ag-merged-fp8  the same with the opt-in fp8 weight gradient (SparseDeltaLinear.fp8_weight_grad: the
+                 delta and candidate gradients from e4m3 operands, spiel.ops.sddmm_fp8); not in the default list
   spiel-ma       spiel.nn.inject + spiel.optim.SM3 + SpielScheduler(mode="ma")
   spiel-ma-bf16  the same with bf16 deltas (values_dtype=torch.bfloat16, as the published code keeps them;
                  SM3 adds its fp32 update with one rounding): 6 instead of 8 bytes per delta plus the grad
@@ -65,13 +67,13 @@ SHAPES = {
                 rank=16),
     "tiny": dict(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=512, seq=64, rank=4),
 }
-ALL_PROVIDERS = ["frozen", "lora", "lora-bf16", "published", "spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-ma-bf16",
-                 "frozen-nf4", "qlora", "published-nf4", "spiel-nf4", "spiel-nf4-ma-bf16"]
+ALL_PROVIDERS = ["frozen", "lora", "lora-bf16", "published", "spiel-ag", "spiel-ag-merged", "spiel-ag-merged-fp8",
+                 "spiel-ma", "spiel-ma-bf16", "frozen-nf4", "qlora", "published-nf4", "spiel-nf4", "spiel-nf4-ma-bf16"]
 # in order of importance (a spent time budget drops the last ones)
 DEFAULT_PROVIDERS = ["frozen", "published", "spiel-ag", "spiel-ag-merged", "lora", "spiel-ma", "published-nf4",
                      "spiel-nf4", "qlora", "frozen-nf4"]
 NF4_PROVIDERS = {"frozen-nf4", "qlora", "published-nf4", "spiel-nf4", "spiel-nf4-ma-bf16"}
-SPIEL_PROVIDERS = {"spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-ma-bf16", "spiel-nf4", "spiel-nf4-ma-bf16"}
+SPIEL_PROVIDERS = {"spiel-ag", "spiel-ag-merged", "spiel-ag-merged-fp8", "spiel-ma", "spiel-ma-bf16", "spiel-nf4", "spiel-nf4-ma-bf16"}
 MA_PROVIDERS = {"spiel-ma", "spiel-ma-bf16", "spiel-nf4-ma-bf16"}
 DEFAULT_70B = ["frozen-nf4", "qlora", "spiel-nf4"]
 REFERENCE = {p: ("frozen-nf4" if p in NF4_PROVIDERS else "frozen") for p in ALL_PROVIDERS}
@@ -287,8 +289,11 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
         P.spiel_ops()
         values_dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
         layers = inject_matched(model, rank, notes, values_dtype)
-        if name == "spiel-ag-merged":
+        if name.startswith("spiel-ag-merged"):
             P.import_optional("spiel.nn").merge(model, train=True)
+        if name.endswith("-fp8"):
+            for layer in layers:
+                layer.fp8_weight_grad = True
         mode = "ma" if name in MA_PROVIDERS else "ag"
         opt, sched = spiel_optimizer_and_scheduler(model, mode, args, total_steps, lr)
         if mode == "ag" and getattr(args, "sparse_adamw_fused", "auto") != "auto":
@@ -528,6 +533,8 @@ def check_targets(by: dict) -> list:
             ratio(ag, "published", 0.85, f"{ag} / published (step)")
             ratio(ag, "lora", 0.65, f"{ag} / lora (step)")
             mem(ag, "lora", 0.7, f"{ag} peak - lora peak")
+    if "spiel-ag-merged-fp8" in by:
+        ratio("spiel-ag-merged-fp8", "frozen", 1.20, "spiel-ag-merged-fp8 / frozen (step)")
     ratio("spiel-nf4", "published-nf4", 0.90, "spiel-nf4 / published-nf4 (step)")
     ratio("spiel-nf4", "qlora", 0.55, "spiel-nf4 / qlora (step)")
     mem("spiel-ma", "frozen", 1.0, "spiel-ma peak - frozen peak")
@@ -535,7 +542,8 @@ def check_targets(by: dict) -> list:
         mem("spiel-ma-bf16", "frozen", 1.0, "spiel-ma-bf16 peak - frozen peak")
     if "spiel-nf4-ma-bf16" in by:
         mem("spiel-nf4-ma-bf16", "frozen-nf4", 1.0, "spiel-nf4-ma-bf16 peak - frozen-nf4 peak")
-    for p in ("spiel-ag", "spiel-ag-merged", "spiel-ma", "spiel-ma-bf16", "spiel-nf4", "spiel-nf4-ma-bf16"):
+    for p in ("spiel-ag", "spiel-ag-merged", "spiel-ag-merged-fp8", "spiel-ma", "spiel-ma-bf16", "spiel-nf4",
+              "spiel-nf4-ma-bf16"):
         if p not in ("spiel-ag", "spiel-ma", "spiel-nf4") and p not in by:
             continue
         r = by.get(p)
