@@ -206,3 +206,40 @@ def test_model_with_checkpointing_keeps_nothing_large():
                 h = checkpoint(b, h, use_reentrant=False) if use_checkpoint else torch.tanh(b(h))
         assert mode.alive() == []
         h.sum().backward()
+
+
+def test_candidate_gradients_hold_only_c_floats():
+    """AG candidates cost c fp32 for their gradient and nothing for their (zero) values: autograd adds each
+    backward into the pre-made ``.grad`` in place, so no backward's (k + c)-float sddmm output stays alive
+    through the window as a view (with the values' gradient, whose slice it shares, set to None between steps).
+    Without a GradScaler the scheduler accumulates in that same ``.grad``."""
+    from spiel.optim import SparseAdamW
+    from spiel.scheduler import SpielScheduler
+
+    torch.manual_seed(0)
+    layer = SparseDeltaLinear(IN, OUT, num_deltas=500, generator=torch.Generator().manual_seed(0))
+    candidates = torch.tensor(sorted(set(range(0, OUT * IN, 7)) - set(layer.indices.tolist())))[:300]
+    layer.set_candidates(candidates)
+    cv = layer.candidate_values
+    assert cv.untyped_storage().nbytes() == 4 and cv.shape == (300,)  # one broadcast zero
+    grad = cv.grad
+    steps = []
+    for t in range(3):
+        x = torch.randn(T, IN, generator=torch.Generator().manual_seed(t))
+        go = torch.randn(T, OUT, generator=torch.Generator().manual_seed(10 + t))
+        layer(x).backward(go)
+        steps.append(ops.sddmm(go, x, candidates, OUT, IN))
+        assert cv.grad is grad and grad.untyped_storage().nbytes() == 4 * 300  # in place, its own buffer
+        assert layer.values.grad.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr()
+        layer.values.grad = None
+    torch.testing.assert_close(grad, steps[0] + steps[1] + steps[2])
+    layer.clear_candidates()
+
+    opt = SparseAdamW(layer, lr=0.01)
+    sched = SpielScheduler(layer, opt, "ag", total_steps=100, reselection_steps=6, accumulation_steps=3)
+    for t in range(4):  # the probe fires in step 3's backward; the candidates are installed after it
+        layer(torch.randn(T, IN)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert sched._window is not None and sched._window["accs"][0] is layer.candidate_values.grad

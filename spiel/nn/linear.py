@@ -513,8 +513,9 @@ class SparseDeltaLinear(nn.Linear):
     def set_candidates(self, candidates: torch.Tensor, *, validate: bool = True, rebuild_plan: bool = True) -> None:
         """Start accumulating the delta gradient at ``candidates`` (sorted, unique, disjoint from ``indices``).
 
-        Creates ``candidate_values``: an fp32 [c] zero leaf requiring grad (not a Parameter) whose ``.grad``
-        receives the gradient at the candidates on every backward until :meth:`clear_candidates`.
+        Creates ``candidate_values``: an fp32 [c] zero leaf requiring grad (not a Parameter; one broadcast zero,
+        never read) whose ``.grad``, an fp32 [c] zero buffer of its own, accumulates the gradient at the
+        candidates in place on every backward until :meth:`clear_candidates` (or until the caller zeroes it).
         ``validate=False``: the caller guarantees sorted, unique, in range and disjoint from ``indices``; the
         value checks and their host syncs are skipped. ``rebuild_plan=False``: as in :meth:`set_indices`.
         """
@@ -522,7 +523,14 @@ class SparseDeltaLinear(nn.Linear):
         if validate and self._overlap(self.indices, cand):
             raise ValueError("candidates must be disjoint from the active indices")
         self.candidates = cand
-        self.candidate_values = torch.zeros(cand.numel(), dtype=torch.float32, device=cand.device, requires_grad=True)
+        # The values at the candidates are zero and never read: one broadcast zero instead of c floats. The
+        # gradient buffer exists up front so that autograd adds into it in place: left to autograd, the first
+        # backward would keep the candidates' slice of that backward's sddmm output as .grad, and with it the
+        # whole (k + c)-float buffer it shares with the values' gradient, alive for the whole window (4 B per
+        # active delta: ~0.6 GiB on the 7B shape).
+        zero = torch.zeros((), dtype=torch.float32, device=cand.device)
+        self.candidate_values = zero.expand(cand.numel()).requires_grad_()
+        self.candidate_values.grad = torch.zeros(cand.numel(), dtype=torch.float32, device=cand.device)
         if rebuild_plan:
             self._rebuild_plan()
 

@@ -147,8 +147,9 @@ class SpielScheduler:
             backward: one block per 7B-sized layer, 2.5x faster than 2**24 blocks on the H100).
         grad_scaler: a ``torch.amp.GradScaler`` when training with fp16 loss scaling: candidate gradients are
             divided by the scale used in their backward, and a step whose candidate gradients are not finite is
-            skipped. (Without it candidate gradients are summed as they are: fine for any constant scale, since
-            they are only ranked.) Call ``scaler.update()`` before ``scheduler.step()``.
+            skipped. Call ``scaler.update()`` before ``scheduler.step()``. Without it candidate gradients are
+            summed as they are, by autograd, into the candidates' ``.grad`` (fine for any constant scale, since
+            they are only ranked; a non-finite sum counts as 0 at the reselection): no per-step copy.
         process_group: torch.distributed group (default: the world, when initialised).
         check_consistency: after each update, verify (one all-gather of checksums) that every rank holds the
             same indices; raises RuntimeError otherwise.
@@ -345,21 +346,32 @@ class SpielScheduler:
             # probe/union results are sorted, unique, in range and outside the active indices
             set_candidates_trusted(layer, chosen[name].to(layer.indices.device))
             win_names.append(name)
-            accs.append(torch.zeros(chosen[name].numel(), dtype=torch.float32, device=layer.indices.device))
+            accs.append(self._accumulator(layer))
         rebuild_plans([self._by_name[name] for name in win_names])  # one host read for every layer
         self._window = {"update": update, "names": win_names, "accs": accs} if win_names else None
+
+    def _accumulator(self, layer) -> torch.Tensor:
+        """The fp32 accumulator of a layer's candidate gradients. Without a GradScaler it is the candidates'
+        own ``.grad`` (autograd adds every backward into it in place: no copy per step, no second buffer);
+        with one, a separate buffer that :meth:`_harvest` adds each step's unscaled gradient to."""
+        grad = getattr(getattr(layer, "candidate_values", None), "grad", None)
+        if self.grad_scaler is None and isinstance(grad, torch.Tensor) and grad.dtype == torch.float32 \
+                and grad.shape == layer.candidates.shape:
+            return grad
+        return torch.zeros(layer.candidates.numel(), dtype=torch.float32, device=layer.indices.device)
 
     @_labelled("spiel.scheduler.harvest")
     @torch.no_grad()
     def _harvest(self) -> None:
-        """Move this step's candidate gradients into the fp32 accumulators (unscaled; skipped if not finite)."""
+        """Move this step's candidate gradients into the fp32 accumulators (unscaled; skipped if not finite).
+        Nothing to do for the layers whose accumulator is the candidates' ``.grad`` (no GradScaler)."""
         win = self._window
         by_device = defaultdict(list)
         for i, name in enumerate(win["names"]):
             layer = self._by_name[name]
             cv = getattr(layer, "candidate_values", None)
             grad = None if cv is None else cv.grad
-            if grad is not None:
+            if grad is not None and grad is not win["accs"][i]:
                 by_device[grad.device].append((i, grad))
         for device, items in by_device.items():
             grads = [g for _, g in items]
@@ -417,7 +429,10 @@ class SpielScheduler:
             for batch in batches(items, key=lambda it: (it[1].indices.device, it[3].numel(), it[4]),
                                  size=lambda it: it[3].numel()):
                 n = batch[0][4]
-                slots = top_abs_rows(torch.stack([it[3] for it in batch]), n, ascending=True)   # [L, n]
+                # accumulated in place without a GradScaler: a non-finite entry counts as 0 (with one, a step
+                # whose candidate gradients are not finite was skipped whole by the harvest)
+                scores = torch.nan_to_num_(torch.stack([it[3] for it in batch]), nan=0.0, posinf=0.0, neginf=0.0)
+                slots = top_abs_rows(scores, n, ascending=True)                                 # [L, n]
                 cands = torch.stack([it[2] for it in batch]).to(torch.int64)                   # ascending
                 regrown = cands.gather(1, slots.to(cands.device))
                 todo.extend((it[0], it[1], row) for it, row in zip(batch, regrown.unbind(0)))  # one op, not L
@@ -515,7 +530,9 @@ class SpielScheduler:
                     raise ValueError(f"state_dict has candidates for unknown layer {name!r}")
                 layer.set_candidates(cand.to(layer.indices.device))
                 win_names.append(self._by_id[id(layer)][0])
-                accs.append(acc.to(device=layer.indices.device, dtype=torch.float32).clone())
+                mine = self._accumulator(layer)
+                mine.copy_(acc.to(device=mine.device, dtype=torch.float32))
+                accs.append(mine)
             self._window = {"update": int(window["update"]), "names": win_names, "accs": accs}
         scale = state.get("scale")
         self._scale = None if scale is None else scale.clone()
