@@ -32,15 +32,14 @@ def _load_cuda() -> None:
 _load_triton()
 _load_cuda()
 
-# `auto` order on CUDA tensors, from the H100 kernel measurements in benchmarks/NOTES.md (2026-11-23,
-# session 2, `bench_forward.py --tune`, same run): the Triton merge runs at 96% of copy against the CUDA
-# merge's 80%, the Triton NF4 dequantize+delta at 87% against CUDA's 78%; the CUDA sddmm's sparse kernel is
-# 3-4x faster than Triton's.
-from .._dispatch import AUTO_ORDER  # noqa: E402
-
+# `auto` order on CUDA tensors. The CUDA sddmm's sparse kernel is 3-4x faster than Triton's (session 2). For the
+# merge and the NF4 dequantize+delta the Triton kernels are a little faster on the GPU (96% / 87% of copy against
+# CUDA's 80% / 78%, session 2: ~5 us per 45M-weight layer), but a Triton launch costs ~94 us of host against
+# ~10 us for the extension's, and spiel's training steps are host-bound (session 6, 7B NF4 profile: 672 NF4
+# launches per step, 63 ms of host in Triton's launcher, GPU busy 267 of 341 ms): the CUDA kernels come first.
 AUTO_ORDER.update({
-    "merge_delta": ("triton", "cuda", "torch"),
-    "nf4_dequantize_add_delta": ("triton", "cuda", "torch"),
+    "merge_delta": ("cuda", "triton", "torch"),
+    "nf4_dequantize_add_delta": ("cuda", "triton", "torch"),
     "sddmm": ("cuda", "triton", "torch"),
     "sddmm_fp8": ("triton", "torch"),
 })
