@@ -37,6 +37,8 @@ _load_cuda()
 # CUDA's 80% / 78%, session 2: ~5 us per 45M-weight layer), but a Triton launch costs ~94 us of host against
 # ~10 us for the extension's, and spiel's training steps are host-bound (session 6, 7B NF4 profile: 672 NF4
 # launches per step, 63 ms of host in Triton's launcher, GPU busy 267 of 341 ms): the CUDA kernels come first.
+from .._dispatch import AUTO_ORDER  # noqa: E402
+
 AUTO_ORDER.update({
     "merge_delta": ("cuda", "triton", "torch"),
     "nf4_dequantize_add_delta": ("cuda", "triton", "torch"),
