@@ -760,8 +760,10 @@ def set_indices_many(layers: Sequence["SparseDeltaLinear"], indices: torch.Tenso
     range and disjoint from the layer's candidates (the trusted path). Layers of k entries on the rows' device
     get the rows copied into their existing ``indices`` buffer and ``values`` storage (through ``.data``, as
     :meth:`SparseDeltaLinear.set_indices` does: the Parameter keeps its identity and version counter) by one cast
-    and one foreach copy per dtype, and their ``.grad`` reset to None; the others (merged for training, another k
-    or device) go through :meth:`SparseDeltaLinear.set_indices` one by one. No host sync. RuntimeError, before any
+    and one foreach copy per dtype, and their ``.grad`` reset to None. Layers merged for training take the same
+    copies, between three O(k) launches of their own (their original entries put back, the new positions' saved,
+    the new merged entries written; the sums for all of them in one batched add); the others (another k or
+    device) go through :meth:`SparseDeltaLinear.set_indices` one by one. No host sync. RuntimeError, before any
     layer changes, when a layer is merged for inference.
     """
     if indices.dim() != 2 or indices.shape != values.shape or indices.shape[0] != len(layers):
@@ -770,19 +772,21 @@ def set_indices_many(layers: Sequence["SparseDeltaLinear"], indices: torch.Tenso
     k = indices.shape[1]
     by_index_dtype: Dict[torch.dtype, list] = defaultdict(list)  # dtype -> [(indices buffer, row)]
     by_value_dtype: Dict[torch.dtype, list] = defaultdict(list)  # dtype -> [(values Parameter, row)]
-    one_by_one = []
+    one_by_one, merged_rows = [], []
+    for row, layer in enumerate(layers):
+        if layer.merge_saved is not None and not layer.train_merged:
+            raise RuntimeError("set_indices on a merged SparseDeltaLinear: unmerge it first")
     for row, layer in enumerate(layers):
         idx, vals = layer.indices, layer.values  # nn.Module.__getattr__ once each: this loop is host-bound
-        if layer.merge_saved is not None:
-            if not layer.train_merged:
-                raise RuntimeError("set_indices on a merged SparseDeltaLinear: unmerge it first")
-            one_by_one.append(row)  # unmerge, set, merge again: set_indices' own O(k) path
-        elif idx.shape == vals.shape == (k,) and idx.device == indices.device and vals.device == values.device:
+        if idx.shape == vals.shape == (k,) and idx.device == indices.device and vals.device == values.device:
+            if layer.merge_saved is not None:  # trained merged: put the original entries back first
+                layer.weight.data.view(-1).index_put_((idx,), layer.merge_saved)
+                merged_rows.append(row)
             by_index_dtype[idx.dtype].append((idx, row))
             by_value_dtype[vals.dtype].append((vals, row))
         else:
             one_by_one.append(row)
-    for row in one_by_one:
+    for row in one_by_one:  # (a layer trained merged unmerges, sets and merges itself)
         layers[row].set_indices(indices[row], values[row], validate=False, rebuild_plan=False)
     # per dtype: one cast of the whole batch and one foreach copy (copy_ would cast row by row)
     for dtype, items in by_index_dtype.items():
@@ -793,5 +797,26 @@ def set_indices_many(layers: Sequence["SparseDeltaLinear"], indices: torch.Tenso
         torch._foreach_copy_([vals.data for vals, _ in items], [rows[r] for _, r in items])
         for vals, _ in items:
             vals.grad = None
+    if merged_rows:
+        _merge_many([layers[row] for row in merged_rows])
     if rebuild_plan:
         rebuild_sddmm_plans(layers)
+
+
+@torch.no_grad()
+def _merge_many(layers: Sequence["SparseDeltaLinear"]) -> None:
+    """The merge for training of layers whose weight holds its original entries again (after new indices): per
+    layer the original entries at the new indices are saved and ``round(saved + values)`` written there, as
+    :meth:`SparseDeltaLinear._write_merged_entries` computes it (one stacked add per dtype pair)."""
+    groups: Dict[tuple, list] = defaultdict(list)
+    for layer in layers:
+        w = layer.weight.data.view(-1)
+        layer.merge_saved = w[layer.indices]
+        groups[(w.dtype, layer.values.dtype)].append(layer)
+    for (w_dtype, _), members in groups.items():
+        acc = torch.promote_types(torch.float32, w_dtype)
+        saved = torch.stack([layer.merge_saved for layer in members]).to(acc)
+        merged = torch.add(saved, torch.stack([layer.values.detach() for layer in members]).to(acc)).to(w_dtype)
+        for layer, row in zip(members, merged.unbind(0)):
+            layer.weight.data.view(-1).index_put_((layer.indices,), row)
+            layer._merged_written = layer._merged_key()
