@@ -68,7 +68,7 @@ fi
 
 if has bench; then
   # BENCH_SCRIPTS narrows the run (each script has its own 300 s limit, BENCH_TIMEOUT)
-  for script in ${BENCH_SCRIPTS:-bench_forward bench_sddmm bench_layer bench_optim}; do
+  for script in ${BENCH_SCRIPTS:-bench_forward bench_sddmm bench_layer bench_optim bench_select}; do
     if [ -f "benchmarks/$script.py" ]; then
       t0=$(date +%s)
       timeout "${BENCH_TIMEOUT:-300}" python3 "benchmarks/$script.py" --csv "$OUT/results.csv" >"$OUT/$script.log" 2>&1; rc=$?
