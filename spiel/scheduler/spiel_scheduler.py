@@ -22,8 +22,9 @@ constant. ``drop_fraction(U)`` decays from ``drop_fraction`` to 0 over ``total_s
 
 The update is batched: layers of one device with the same k and n (MA: and shape) are selected, merged and
 gathered together with a constant number of launches and no host sync per layer (MA reads one small tensor per
-batch); each layer then gets its indices through the trusted ``set_indices(..., validate=False)``, which
-rebuilds its sddmm plan.
+batch); the new indices and values are written into the layers by one foreach copy per dtype
+(``spiel.nn.linear.set_indices_many``, the trusted ``set_indices`` for many layers), the optimizer's per-slot state
+is permuted per state kind (``reindex_many``), and the sddmm plans of all layers are decided with one host read.
 """
 from __future__ import annotations
 
