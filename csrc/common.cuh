@@ -147,6 +147,18 @@ inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p)
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Streaming multiprocessors of a device (cached per device: cudaDeviceGetAttribute is not free per launch).
+inline int num_sms(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cache[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = n > 0 ? n : 1;
+  }
+  return cache[device];
+}
+
 // Host-side metadata check of the entry points (no sync).
 inline void check_cuda_contig(const at::Tensor& t, const char* what, const char* name) {
   TORCH_CHECK(t.is_cuda(), what, ": ", name, " must be a CUDA tensor");

@@ -88,17 +88,6 @@ int64_t level_cap(int64_t n, int level) {
   return std::min(n, ceil_div(ceil_div(n, int64_t(1) << level), 8) * 8);
 }
 
-int num_sms(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) device = 0;
-  if (cache[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = n > 0 ? n : 1;
-  }
-  return cache[device];
-}
-
 // T splits: about `target` CTAs over `units` independent work units, >= 256 tokens per split, at most 64;
 // the split length is a multiple of `align`. Depends on shapes only (deterministic).
 void choose_splits(int64_t T, int64_t units, int64_t target, int64_t align, int64_t& S, int64_t& t_split) {

@@ -300,17 +300,6 @@ __global__ void __launch_bounds__(kThreads) write_kernel(const T* __restrict__ x
              });
 }
 
-int sm_count(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    cached[device] = sms > 0 ? sms : 1;
-  }
-  return cached[device];
-}
-
 // CTAs of `kernel` resident per SM: grids are sized to one full wave (a partial second wave of these
 // streaming kernels would cost up to a third of their time).
 template <typename Kernel>
@@ -343,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t max_blocks = std::max<int64_t>(1, ceil_div(n, static_cast<int64_t>(kThreads) * kUnroll));
-  const int sms = sm_count(x.get_device());
+  const int sms = num_sms(x.get_device());
   const int64_t n_excl = has_exclude ? exclude->numel() : 0;
   const auto index_type = has_exclude ? exclude->scalar_type() : at::kInt;
   SPIEL_DISPATCH_FLOAT(x.scalar_type(), T, what, [&] {

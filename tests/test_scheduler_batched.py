@@ -12,7 +12,7 @@ from spiel import ops
 from spiel.nn.linear import SparseDeltaLinear, set_indices_many
 from spiel.optim import SM3, SparseAdamW
 from spiel.scheduler import SpielScheduler, batched_topk_outer, segmented_topk_abs, top_gradient_entries
-from spiel.scheduler._select import true_positions, true_positions_padded
+from spiel.scheduler._select import true_positions
 from spiel.scheduler import _replace as replace
 from spiel.scheduler.spiel_scheduler import _generic_reindex
 
@@ -37,12 +37,6 @@ def test_true_positions(device):
         mask = (torch.rand(n, generator=gen) < 0.4).to(device)
         expected = mask.nonzero().view(-1)
         assert torch.equal(true_positions(mask, expected.numel()), expected)
-        for size in (0, 1, expected.numel(), expected.numel() + 3):
-            got = true_positions_padded(mask, size)
-            want = torch.full((size,), -1, dtype=torch.int64, device=device)
-            m = min(size, expected.numel())
-            want[:m] = expected[:m]
-            assert torch.equal(got, want), (n, size)
     with pytest.raises(ValueError):
         true_positions(torch.zeros(2, 2, dtype=torch.bool), 0)
 

@@ -31,12 +31,6 @@ def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.nonzero_static(mask, size=count).view(-1)
 
 
-def true_positions_padded(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """The first ``size`` ascending positions of ``True`` in a 1-D bool ``mask``, padded with -1 when it has
-    fewer. No host sync."""
-    return torch.nonzero_static(mask, size=size, fill_value=-1).view(-1)
-
-
 def device_tensor(values: Sequence[int], device: torch.device, dtype=torch.int64) -> torch.Tensor:
     """A small host list as a tensor on ``device`` without a blocking copy (pinned + non_blocking on CUDA)."""
     t = torch.tensor(list(values), dtype=dtype)

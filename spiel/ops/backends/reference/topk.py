@@ -150,16 +150,18 @@ def block_top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @register_kernel("select_topk_abs", "torch")
 def select_topk_abs(x: torch.Tensor, k: int, exclude, exclude_offset: int):
-    # magnitudes in fp32 with NaN as 0 (inf stays inf); excluded positions -inf, below every magnitude
-    scores = x.float().abs() if x.dtype != torch.float32 else x.abs()
+    # magnitudes in fp32 with NaN as 0 (inf stays inf); excluded positions -inf, below every magnitude. One
+    # buffer with a scratch slot past the end, where out-of-range exclude entries land (no host sync to count
+    # them, no second copy)
+    n = x.numel()
+    excluding = exclude is not None and exclude.numel() > 0
+    buf = torch.empty(n + int(excluding), dtype=torch.float32, device=x.device)
+    scores = buf[:n]
+    scores.copy_(x)
+    scores.abs_()
     torch.nan_to_num_(scores, nan=0.0, posinf=float("inf"))
-    if exclude is not None and exclude.numel():
-        n = x.numel()
+    if excluding:
         local = exclude.to(torch.int64) - exclude_offset
-        inside = (local >= 0) & (local < n)
-        # out-of-range entries land in a scratch slot past the end (no host sync for the count)
-        padded = torch.cat([scores, scores.new_empty(1)])
-        padded.index_fill_(0, torch.where(inside, local, n), float("-inf"))
-        scores = padded[:n]
+        buf.index_fill_(0, torch.where((local >= 0) & (local < n), local, n), float("-inf"))
     positions = block_top(scores, k)
     return positions, scores.index_select(0, positions)
