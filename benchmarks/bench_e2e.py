@@ -225,14 +225,18 @@ def spiel_optimizer_and_scheduler(model, mode: str, args, total_steps: int, lr: 
     sched_mod = P.import_optional("spiel.scheduler")
     fused = {"auto": None, "on": True, "off": False}[getattr(args, "sparse_adamw_fused", "auto")]
     state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(args, "sparse_adamw_state", "fp32")]
-    opt = (optim.SparseAdamW(model, lr=lr, fused=fused, state_dtype=state_dtype) if mode == "ag"
-           else optim.SM3(model, lr=lr))
+    in_backward = bool(getattr(args, "step_in_backward", False))
+    per_slot = getattr(args, "sparse_adamw_steps", "slot") == "slot"
+    opt = (optim.SparseAdamW(model, lr=lr, fused=fused, state_dtype=state_dtype, per_slot_steps=per_slot,
+                             step_in_backward=in_backward) if mode == "ag"
+           else optim.SM3(model, lr=lr, step_in_backward=in_backward))
     gamma = min(args.accumulation_steps, max(1, args.reselection_steps - 1))
     # the drop fraction decays to 0 at total_steps and no update happens at or after it: pretend the run is
     # long so every update in the window happens, at (almost) the initial drop fraction (the costliest)
     total_steps = max(1000, 10 * total_steps)
+    extra = {} if getattr(args, "probe_block_elements", None) is None else {"block_elements": args.probe_block_elements}
     sched = sched_mod.SpielScheduler(model, opt, mode=mode, total_steps=total_steps,
-                                     reselection_steps=args.reselection_steps, accumulation_steps=gamma)
+                                     reselection_steps=args.reselection_steps, accumulation_steps=gamma, **extra)
     return opt, sched
 
 
@@ -300,6 +304,12 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
             notes.append(f"SparseAdamW fused {args.sparse_adamw_fused}")
         if mode == "ag" and getattr(args, "sparse_adamw_state", "fp32") != "fp32":
             notes.append(f"SparseAdamW moments {args.sparse_adamw_state}")
+        if mode == "ag" and getattr(args, "sparse_adamw_steps", "slot") != "slot":
+            notes.append("per-tensor step counts")
+        if getattr(args, "step_in_backward", False):
+            notes.append("step in backward")
+        if getattr(args, "probe_block_elements", None) is not None and mode == "ag":
+            notes.append(f"probe block {args.probe_block_elements}")
         enable_checkpointing(model)
         return model, opt, sched, layers
     raise ValueError(f"unknown provider {name}")
@@ -415,6 +425,12 @@ def parse_args(argv=None):
                    help="SparseAdamW's fused argument (auto: the fused op on CUDA; off: the foreach chain)")
     p.add_argument("--sparse-adamw-state", choices=("fp32", "bf16"), default="fp32",
                    help="SparseAdamW's state_dtype (its moments)")
+    p.add_argument("--sparse-adamw-steps", choices=("slot", "tensor"), default="slot",
+                   help="SparseAdamW's step counts: per slot (default) or one per layer (per_slot_steps=False)")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="spiel optimizers update each layer inside backward and free its gradient")
+    p.add_argument("--probe-block-elements", type=int, default=None,
+                   help="SpielScheduler block_elements (the AG probe's dense-gradient block; default 2**26)")
     p.add_argument("--no-validate", action="store_true",
                    help="SPIEL_VALIDATE=0: no index value checks (host syncs) in spiel's public wrappers")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
@@ -465,9 +481,13 @@ def child_argv(args, provider: str, result_json: str, ceilings: bool):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--result-json", result_json,
             "--model", args.model, "--reselection-steps", str(args.reselection_steps),
             "--accumulation-steps", str(args.accumulation_steps), "--batch", str(args.batch),
-            "--sparse-adamw-fused", args.sparse_adamw_fused, "--sparse-adamw-state", args.sparse_adamw_state]
+            "--sparse-adamw-fused", args.sparse_adamw_fused, "--sparse-adamw-state", args.sparse_adamw_state,
+            "--sparse-adamw-steps", args.sparse_adamw_steps]
+    if args.step_in_backward:
+        argv.append("--step-in-backward")
     for flag, val in (("--device", args.device), ("--steps", args.steps), ("--baseline-steps", args.baseline_steps),
-                      ("--warmup", args.warmup), ("--rank", args.rank), ("--seq", args.seq)):
+                      ("--warmup", args.warmup), ("--rank", args.rank), ("--seq", args.seq),
+                      ("--probe-block-elements", args.probe_block_elements)):
         if val is not None:
             argv += [flag, str(val)]
     if ceilings:

@@ -40,6 +40,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-cycle", action="store_true", help="skip the reselection cycle: 3 plain steps, then profile")
     p.add_argument("--probe-block-elements", type=int, default=None,
                    help="AG: dense-gradient elements the probe forms at once (SpielScheduler block_elements)")
+    p.add_argument("--sparse-adamw-steps", choices=("slot", "tensor"), default="slot",
+                   help="SparseAdamW's step counts: per slot (default) or one per layer")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="spiel optimizers update each layer inside backward and free its gradient")
     p.add_argument("--host", action="store_true",
                    help="also measure the host side of plain steps: device syncs (torch.cuda sync debug mode), the "
                         "CPU time to enqueue each phase and a cProfile of the Python")

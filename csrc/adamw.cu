@@ -10,6 +10,8 @@
 //   t = min(t, limit - 1) + 1;  p *= decay;  m += (1 - b1) (g - m);  v = b2 v + (1 - b2) g^2
 //   p -= lr * m / ((sqrt(v) / sqrt(1 - b2^t) + eps) * (1 - b1^t))          (p kept when lr == 0)
 // with b^t = exp2(t log2 b): IEEE sqrt/div (_rn intrinsics), exp2f without fast math.
+#include <cmath>
+
 #include "common.cuh"
 #include "spiel.h"
 
@@ -32,7 +34,7 @@ struct AdamWTensors {
 };
 
 struct AdamWHyper {
-  float lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay, last_count;
+  float lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay, last_count, host_count;
   bool maximize;
 };
 
@@ -55,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensors tens
         g[u] = to_float(grad[e]);
         m[u] = to_float(exp_avg[e]);
         v[u] = to_float(exp_avg_sq[e]);
-        t[u] = static_cast<float>(step[e]);
+        t[u] = step != nullptr ? static_cast<float>(step[e]) : h.host_count;
         p[u] = to_float(param[e]);
       }
     }
@@ -77,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensors tens
         param[e] = from_float<P>(pu);
         exp_avg[e] = from_float<M>(mu);
         exp_avg_sq[e] = from_float<M>(vu);
-        step[e] = static_cast<S>(tu);  // integer-valued, within S (saturated above)
+        if (step != nullptr) step[e] = static_cast<S>(tu);  // integer-valued, within S (saturated above)
       }
     }
   }
@@ -87,21 +89,25 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensors tens
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
-                     double eps, double weight_decay, bool maximize) {
+                     double eps, double weight_decay, bool maximize, double host_count) {
   constexpr const char* what = "spiel::_cuda_adamw_step_";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, what,
-              ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
+  // an empty steps list: one count (host_count) for every tensor, not written (the caller increments it)
+  const bool per_slot = !steps.empty();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && (steps.size() == n || !per_slot),
+              what, ": params, grads, exp_avgs, exp_avg_sqs and steps (or no steps) must have the same length");
+  TORCH_CHECK(per_slot || (host_count >= 0.0 && host_count <= 16777216.0 && host_count == std::floor(host_count)),
+              what, ": host_count must be an integer count in [0, 2**24], got ", host_count);
   if (n == 0) return;
   const auto p_type = params[0].scalar_type();
   const auto m_type = exp_avgs[0].scalar_type();
-  const auto s_type = steps[0].scalar_type();
+  const auto s_type = per_slot ? steps[0].scalar_type() : at::ScalarType::Float;
   const auto device = params[0].device();
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor* list[5] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &steps[i]};
+    const at::Tensor* list[5] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], per_slot ? &steps[i] : nullptr};
     const char* names[5] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "steps"};
     const at::ScalarType types[5] = {p_type, p_type, m_type, m_type, s_type};
-    for (int j = 0; j < 5; ++j) {
+    for (int j = 0; j < (per_slot ? 5 : 4); ++j) {
       check_cuda_contig(*list[j], what, names[j]);
       TORCH_CHECK(list[j]->device() == device, what, ": ", names[j], "[", i, "] is on ", list[j]->device(),
                   ", params[0] on ", device);
@@ -122,6 +128,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   h.decay = static_cast<float>(1.0 - lr * weight_decay);
   // adamw_step_limit(dtype) - 1 of spiel/ops/adamw.py: int16 counts saturate at 32767, others at 2**24
   h.last_count = s_type == at::ScalarType::Short ? 32766.f : 16777215.f;
+  h.host_count = static_cast<float>(host_count);
   h.maximize = maximize;
   const c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -145,7 +152,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
           pack.grad[count] = grads[i].data_ptr();
           pack.exp_avg[count] = exp_avgs[i].data_ptr();
           pack.exp_avg_sq[count] = exp_avg_sqs[i].data_ptr();
-          pack.step[count] = steps[i].data_ptr();
+          pack.step[count] = per_slot ? steps[i].data_ptr() : nullptr;
           pack.numel[count] = numel;
           largest = std::max(largest, numel);
           if (++count == kMaxTensors) launch();

@@ -18,7 +18,8 @@ TORCH_LIBRARY_FRAGMENT(spiel, m) {
       "int in_features, Tensor? plan) -> Tensor");
   m.def(
       "_cuda_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
+      "float host_count) -> ()");
   m.def("_cuda_select_topk_abs(Tensor x, int k, Tensor? exclude, int exclude_offset) -> (Tensor, Tensor)");
 }
 

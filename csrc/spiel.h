@@ -26,10 +26,11 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
 at::Tensor sddmm_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                       int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& plan);
 
-// One AdamW step over lists of tensors with per-slot step counts (spiel/ops/adamw.py has the math).
+// One AdamW step over lists of tensors with per-slot step counts (spiel/ops/adamw.py has the math); an empty
+// steps list means one count for every tensor, host_count (read only: the caller increments it).
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
-                     double eps, double weight_decay, bool maximize);
+                     double eps, double weight_decay, bool maximize, double host_count);
 
 // The k largest |x| (NaN as 0; positions in exclude - exclude_offset rank below all others; ties by the
 // smaller position) as (ascending int64 positions [k], their fp32 |x| [k]): radix select, no host sync.

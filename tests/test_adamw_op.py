@@ -45,12 +45,17 @@ def _check_guards(buf, n, what):
             assert bool((part == -1).all()), f"{what}: write outside the tensor"
 
 
+#: ``s_dtype`` of a case whose steps are per-tensor host counts (0-dim fp32 CPU tensors)
+HOST = "host"
+
+
 def make_case(sizes, p_dtype, m_dtype, s_dtype, seed, device):
-    """Five lists of guarded tensors (params, grads, exp_avgs, exp_avg_sqs, steps) with random contents."""
+    """Five lists of guarded tensors (params, grads, exp_avgs, exp_avg_sqs, steps) with random contents; with
+    ``s_dtype == HOST`` the steps are per-tensor host counts (their guard buffers are None)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     limit = 32767 if s_dtype == torch.int16 else 2**24
     lists, bufs = [[], [], [], [], []], [[], [], [], [], []]
-    for n in sizes:
+    for t_pos, n in enumerate(sizes):
         def rnd():
             x = torch.randn(n, generator=g)
             return x.masked_fill_(x == 0, 0.5)
@@ -59,7 +64,12 @@ def make_case(sizes, p_dtype, m_dtype, s_dtype, seed, device):
         if n > 3:  # saturation point and neighbours
             counts[:3] = torch.tensor([limit - 1, limit, 0])
         contents = [rnd(), rnd() * 0.5, rnd() * 0.1, torch.rand(n, generator=g) * 0.05 + 1e-4, counts]
+        if s_dtype == HOST:  # counts 0, 1, the saturation point and its neighbour, repeated (shared counts)
+            lists[4].append(torch.tensor(float([0, 3, limit - 1, limit, 1, 3][t_pos % 6])))
+            bufs[4].append(None)
         for j, (data, dtype) in enumerate(zip(contents, (p_dtype, p_dtype, m_dtype, m_dtype, s_dtype))):
+            if dtype == HOST:
+                continue
             view, buf = _guarded(n, dtype, device)
             view.copy_(data.to(dtype))
             lists[j].append(view)
@@ -77,7 +87,7 @@ def check_adamw(kernel, device, sizes=(1, 7, 1000, 2053, 0, 4096 + 5), combos=No
 
     reference = kernel_for("adamw_step", "torch")
     if combos is None:
-        combos = [(p, m, s) for p in PARAM_DTYPES for m in STATE_DTYPES for s in STEP_DTYPES]
+        combos = [(p, m, s) for p in PARAM_DTYPES for m in STATE_DTYPES for s in STEP_DTYPES + [HOST]]
     checks = 0
     for c, (p_dtype, m_dtype, s_dtype) in enumerate(combos):
         for h, hyper in enumerate(hypers):
@@ -93,7 +103,8 @@ def check_adamw(kernel, device, sizes=(1, 7, 1000, 2053, 0, 4096 + 5), combos=No
             kernel(*lists, *args)
             for j, name in enumerate(("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")):
                 for i, n in enumerate(sizes):
-                    _check_guards(bufs[j][i], n, f"{what} {name}[{i}]")
+                    if bufs[j][i] is not None:
+                        _check_guards(bufs[j][i], n, f"{what} {name}[{i}]")
                     got = lists[j][i]
                     if name == "grads":
                         assert torch.equal(got, plain[j][i]), f"{what}: grads[{i}] modified"
@@ -268,7 +279,8 @@ def _groups():
         "triton_all_dtypes": lambda d: check_adamw(tri, d, sizes=(1, 7, 0, 2053), hypers=HYPER[:2]),
         "triton_lr0_and_blocks": lambda d: check_adamw(
             tri, d, sizes=(4096 + 5, 3), hypers=HYPER[2:] + HYPER[:1],
-            combos=[(torch.bfloat16, torch.float32, torch.int16), (torch.float32, torch.float32, torch.float32)]),
+            combos=[(torch.bfloat16, torch.float32, torch.int16), (torch.float32, torch.float32, torch.float32),
+                    (torch.float32, torch.bfloat16, HOST)]),
     }
 
 
@@ -285,3 +297,44 @@ def test_triton_interpreted(interpreter_results, group):
 
 if __name__ == "__main__":
     sys.exit(interpreted.child_main(_groups))
+
+
+def test_host_counts_reference_and_mixed_call():
+    """Per-tensor host counts (0-dim fp32 CPU steps): the reference against float64 (check_adamw with HOST
+    steps), and one public call mixing both kinds equals two calls of one kind each; the unfused foreach math
+    (SparseAdamW's CPU path) agrees with the op."""
+    import spiel.ops as ops
+    from spiel.ops._dispatch import kernel_for
+    from spiel.optim.adamw import adamw_foreach
+
+    assert check_adamw(kernel_for("adamw_step", "torch"), "cpu", sizes=(1, 7, 1000, 5, 3, 0),
+                       combos=[(torch.float32, torch.float32, HOST), (torch.bfloat16, torch.bfloat16, HOST)]) > 0
+    slot, _ = make_case((7, 1000), torch.float32, torch.float32, torch.int16, 3, "cpu")
+    host, _ = make_case((33, 5, 9), torch.float32, torch.float32, HOST, 4, "cpu")
+    mixed = [a[:1] + b + a[1:] for a, b in zip(_clone(slot), _clone(host))]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    ops.adamw_step_(*mixed, **hyper)
+    split_slot, split_host = _clone(slot), _clone(host)
+    ops.adamw_step_(*split_slot, **hyper)
+    ops.adamw_step_(*split_host, **hyper)
+    for j in range(5):
+        want = split_slot[j][:1] + split_host[j] + split_slot[j][1:]
+        for a, b in zip(mixed[j], want):
+            assert torch.equal(a, b)
+    assert [float(s) for s in split_host[4]] == [1.0, 4.0, 2.0**24]
+    foreach = _clone(host)
+    adamw_foreach(*foreach, **hyper)
+    for j in range(5):
+        for a, b in zip(foreach[j], split_host[j]):
+            torch.testing.assert_close(a, b, rtol=3e-6, atol=1e-7)
+
+
+def test_host_counts_bad_input():
+    import spiel.ops as ops
+
+    lists, _ = make_case((5, 9), torch.float32, torch.float32, HOST, 1, "cpu")
+    p, g, m, v, s = lists
+    with pytest.raises(TypeError, match=r"steps\[1\] is 0-dim: a per-tensor count must be a float32 CPU tensor"):
+        ops.adamw_step_(p, g, m, v, [s[0], torch.tensor(3, dtype=torch.int32)], lr=1e-3)
+    with pytest.raises(ValueError, match=r"steps\[0\] must have the shape of params\[0\]"):
+        ops.adamw_step_(p, g, m, v, [torch.zeros(4, dtype=torch.int16), s[1]], lr=1e-3)

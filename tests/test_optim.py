@@ -375,3 +375,106 @@ def test_reindex_many_with_aliased_state_matches_per_layer():
         runs.append([opt.state[layer.values]["exp_avg"].clone() for layer in (layers[0], layers[3])] + [shared])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("Opt,kwargs", [(SparseAdamW, {}), (SparseAdamW, {"fused": True}),
+                                        (SparseAdamW, {"state_dtype": torch.bfloat16}),
+                                        (SM3, {}), (SM3, {"momentum": 0.9})])
+def test_step_in_backward_matches_step(Opt, kwargs):
+    """step_in_backward: the same values as backward() + step(), every sparse gradient freed inside backward,
+    step() still updates other_params; a model with a scheduler-free index change keeps working."""
+    def build():
+        torch.manual_seed(0)
+        layers = nn.ModuleList([_layer(12, 10, 30, seed=0), _layer(10, 12, 25, seed=1), _layer(7, 10, 9, seed=2)])
+        head = nn.Linear(7, 3)
+        return layers, head
+
+    def loss_of(layers, head, x):
+        h = x
+        for layer in layers:
+            h = torch.tanh(layer(h))
+        return head(h).square().mean()
+
+    runs = []
+    for in_backward in (False, True):
+        layers, head = build()
+        opt = Opt(layers, lr=0.05, other_params=head.parameters(), step_in_backward=in_backward, **kwargs)
+        seen = []
+        for step in range(4):
+            x = torch.randn(5, 10, generator=torch.Generator().manual_seed(100 + step))
+            loss_of(layers, head, x).backward()
+            seen.append([layer.values.grad is None for layer in layers])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step == 1:
+                _change_indices(layers[0], 4, seed=7)
+                order = torch.arange(layers[0].num_deltas)
+                opt.reindex(layers[0], order, torch.zeros_like(order, dtype=torch.bool))
+        runs.append((layers, head, seen))
+    (ref_layers, ref_head, ref_seen), (layers, head, seen) = runs
+    assert all(not any(s) for s in ref_seen)  # without the option the grads are there after backward
+    assert all(all(s) for s in seen)  # with it, freed inside backward
+    for a, b in zip(ref_layers, layers):
+        assert not torch.equal(b.values.detach(), torch.zeros_like(b.values))
+        torch.testing.assert_close(b.values.detach(), a.values.detach(), rtol=0, atol=0)
+    for a, b in zip(ref_head.parameters(), head.parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
+
+
+def test_step_in_backward_remove_hooks_and_bad_argument():
+    layer = _layer()
+    with pytest.raises(TypeError, match="step_in_backward"):
+        SparseAdamW(layer, step_in_backward=1)
+    opt = SparseAdamW(layer, lr=0.1, step_in_backward=True)
+    layer(torch.randn(3, 10)).sum().backward()
+    assert layer.values.grad is None and not torch.equal(layer.values.detach(), torch.zeros(30))
+    opt.remove_backward_hooks()
+    before = layer.values.detach().clone()
+    layer(torch.randn(3, 10)).sum().backward()
+    assert layer.values.grad is not None and torch.equal(layer.values.detach(), before)
+    opt.step()
+    assert not torch.equal(layer.values.detach(), before)
+
+
+def test_sparse_adamw_per_tensor_steps_matches_torch_adamw_and_reindex_keeps_the_count():
+    """per_slot_steps=False: one host count per layer, exactly torch.optim.AdamW's math on the active entries
+    (float64 dense reference); a reindex zeroes the regrown slots' moments and leaves the count; the state
+    dict round-trips, and converts to and from per-slot steps."""
+    torch.manual_seed(0)
+    layer = _layer()
+    hyper = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    opt = SparseAdamW(layer, per_slot_steps=False, **hyper)
+    dense = nn.Parameter(torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64))
+    ref = torch.optim.AdamW([dense], **hyper)
+    for _ in range(5):
+        g = torch.randn(layer.values.numel())
+        layer.values.grad = g.clone()
+        dense.grad = _dense_grad(layer, g)
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(layer.values.detach().double(), dense.detach().view(-1)[layer.indices.long()],
+                                   rtol=1e-5, atol=1e-6)
+    st = opt.state[layer.values]
+    assert st["step"].dim() == 0 and st["step"].device.type == "cpu" and float(st["step"]) == 5.0
+    m_before = st["exp_avg"].clone()
+    order, regrown = _change_indices(layer, 4, seed=3)
+    opt.reindex(layer, order, regrown)
+    assert float(opt.state[layer.values]["step"]) == 5.0
+    assert torch.equal(opt.state[layer.values]["exp_avg"][regrown], torch.zeros(4))
+    assert torch.equal(opt.state[layer.values]["exp_avg"][~regrown], m_before[order[~regrown]])
+    saved = opt.state_dict()
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    fresh = SparseAdamW(layer, per_slot_steps=False, **hyper)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    assert float(fresh.state[layer.values]["step"]) == 5.0
+    slot = SparseAdamW(layer, **hyper)  # per-slot steps from a per-tensor checkpoint: every slot at 5
+    slot.load_state_dict(saved)
+    assert torch.equal(slot.state[layer.values]["step"], torch.full((30,), 5, dtype=torch.int16))
+    slot.state[layer.values]["step"][3] = 9
+    back = SparseAdamW(layer, per_slot_steps=False, **hyper)  # and back: the largest count
+    back.load_state_dict(slot.state_dict())
+    assert float(back.state[layer.values]["step"]) == 9.0
+    with pytest.raises(TypeError, match="per_slot_steps must be a bool"):
+        SparseAdamW(layer, per_slot_steps="no")

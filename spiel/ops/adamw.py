@@ -11,14 +11,15 @@ per-tensor math in fp32.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
 from . import _dispatch
 from ._validate import check_same_device
 
-__all__ = ["adamw_step_", "adamw_step_eager", "adamw_step_limit", "ADAMW_PARAM_DTYPES", "ADAMW_STATE_DTYPES", "ADAMW_STEP_DTYPES"]
+__all__ = ["adamw_step_", "adamw_step_eager", "adamw_step_limit", "is_host_count", "host_count_groups",
+           "bump_host_counts", "ADAMW_PARAM_DTYPES", "ADAMW_STATE_DTYPES", "ADAMW_STEP_DTYPES"]
 
 ADAMW_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ADAMW_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,11 +40,44 @@ def adamw_step_limit(step_dtype: torch.dtype) -> int:
     return 32767 if step_dtype == torch.int16 else 2**24
 
 
+def is_host_count(step: torch.Tensor) -> bool:
+    """Whether ``step`` is a per-tensor count (0-dim fp32 on the CPU) rather than per-slot counts."""
+    return step.dim() == 0 and step.device.type == "cpu" and step.dtype == torch.float32
+
+
+def host_count_groups(steps: Sequence[torch.Tensor]) -> List[Tuple[float, List[int]]]:
+    """Positions of ``steps`` (per-tensor host counts) grouped by their current count, in first-seen order:
+    the kernels take one count per launch. Reading a CPU tensor is no device sync."""
+    groups: dict = {}
+    for i, s in enumerate(steps):
+        groups.setdefault(float(s), []).append(i)
+    return list(groups.items())
+
+
+@torch.no_grad()
+def bump_host_counts(steps: Sequence[torch.Tensor]) -> None:
+    """``t = min(t, limit - 1) + 1`` on per-tensor host counts (fp32: limit 2**24), after their update."""
+    for s in steps:
+        s.clamp_(max=float(adamw_step_limit(torch.float32) - 1)).add_(1.0)
+
+
+def _call_backend(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
+    """Dispatch, one call per kind of step count: the backends get lists whose counts are all per slot (device
+    tensors shaped like the params) or all per tensor (0-dim fp32 CPU tensors)."""
+    host = [is_host_count(s) for s in steps]
+    kinds = [[i for i, h in enumerate(host) if h == kind] for kind in (False, True)]
+    for sel in kinds:
+        if not sel:
+            continue
+        pick = (lambda ts: list(ts)) if len(sel) == len(params) else (lambda ts: [ts[i] for i in sel])  # noqa: E731
+        _dispatch.call("adamw_step", params[sel[0]].device, pick(params), pick(grads), pick(exp_avgs),
+                       pick(exp_avg_sqs), pick(steps), lr, beta1, beta2, eps, weight_decay, maximize)
+
+
 @torch.library.impl("spiel::adamw_step_", ["cpu", "cuda"])
 def _adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
     if params:
-        _dispatch.call("adamw_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2,
-                       eps, weight_decay, maximize)
+        _call_backend(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize)
 
 
 @torch.library.register_fake("spiel::adamw_step_")
@@ -95,12 +129,20 @@ def check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
     v_dtype = _one_dtype("exp_avg_sqs", exp_avg_sqs, ADAMW_STATE_DTYPES)
     if m_dtype != v_dtype:
         raise TypeError(f"exp_avgs and exp_avg_sqs must have one dtype, got {m_dtype} and {v_dtype}")
-    _one_dtype("steps", steps, ADAMW_STEP_DTYPES)
+    for i, t in enumerate(steps):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"steps[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() == 0 and not is_host_count(t):
+            raise TypeError(f"steps[{i}] is 0-dim: a per-tensor count must be a float32 CPU tensor, got {t.dtype} "
+                            f"on {t.device} (per-slot counts have the shape of params[{i}])")
+    _one_dtype("steps", [t for t in steps if t.dim() != 0] or [steps[0]], ADAMW_STEP_DTYPES)
     device = params[0].device
     for i in range(n):
         p = params[i]
         for name in ("grads", "exp_avgs", "exp_avg_sqs", "steps"):
             t = lists[name][i]
+            if name == "steps" and t.dim() == 0:
+                continue  # a per-tensor host count
             if t.shape != p.shape:
                 raise ValueError(f"{name}[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got {tuple(t.shape)}")
             if t.device != device:
@@ -120,8 +162,8 @@ def adamw_step_eager(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, 
     callers that own the state and have checked it (``SparseAdamW``): on a launch-bound step the per-tensor
     checks of :func:`adamw_step_` cost ~1 ms of host time per 200 tensors. Same contract otherwise."""
     if params:
-        _dispatch.call("adamw_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, steps, float(lr),
-                       float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
+        _call_backend(params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), float(beta1), float(beta2), float(eps),
+                      float(weight_decay), bool(maximize))
 
 
 def adamw_step_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
@@ -144,8 +186,10 @@ def adamw_step_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs:
         params: tensors (any shape, contiguous) of one dtype: fp32, bf16 or fp16.
         grads: same shapes and dtype as ``params`` (read only).
         exp_avgs, exp_avg_sqs: same shapes, contiguous, one dtype between them: fp32, bf16 or fp16.
-        steps: same shapes, contiguous, one dtype: int16 (saturating at 32767, :func:`adamw_step_limit`), int32
-            or fp32 (saturating at 2**24).
+        steps: per-slot counts (same shapes, contiguous, on the params' device, one dtype: int16 saturating at
+            32767, :func:`adamw_step_limit`, int32 or fp32 saturating at 2**24), or per-tensor counts: 0-dim fp32
+            CPU tensors (one count for every element of that tensor, as ``torch.optim.AdamW`` keeps it; read and
+            incremented on the host, no device memory and no sync). The two kinds may be mixed in one call.
         lr, beta1, beta2, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (decoupled weight decay).
 
     All tensors on one device; no host sync; nothing is returned or saved. On CUDA the kernels read every

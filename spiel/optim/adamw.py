@@ -21,7 +21,8 @@ from torch import nn
 
 from .. import ops
 from ..ops import _dispatch
-from ..ops.adamw import ADAMW_PARAM_DTYPES, adamw_step_eager, adamw_step_limit
+from ..ops.adamw import (ADAMW_PARAM_DTYPES, adamw_step_eager, adamw_step_limit, bump_host_counts,
+                         host_count_groups, is_host_count)
 
 __all__ = ["SparseAdamW", "sparse_layers", "is_sparse_layer", "layer_shape", "adamw_foreach", "GROUP_NUMEL"]
 
@@ -226,10 +227,14 @@ def adamw_foreach(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay), maximize=bool(maximize))
     buckets: Dict[tuple, List[int]] = defaultdict(list)
+    host: Dict[tuple, List[int]] = defaultdict(list)
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape:
             raise ValueError(f"adamw_foreach: tensor {i}: grad, exp_avg and exp_avg_sq must have the shape of the "
                              f"param {tuple(p.shape)}")
+        if is_host_count(s) and p.dim() != 0:
+            host[(p.device, p.dtype, g.dtype, m.dtype, v.dtype)].append(i)
+            continue
         if s.dim() == 0 and p.dim() != 0:
             _adamw_dense([p], [g], [m], [v], [s], **hyper)
             continue
@@ -240,6 +245,9 @@ def adamw_foreach(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg
             raise TypeError(f"adamw_foreach: steps[{i}] must be a real (int16/int32/float32) tensor, got {s.dtype}")
         if p.numel():
             buckets[(p.device, p.dtype, g.dtype, m.dtype, v.dtype, s.dtype)].append(i)
+    for sel in host.values():
+        sub = lambda ts: [ts[i] for i in sel]  # noqa: E731
+        _adamw_host_counts(sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(steps), **hyper)
     for key, sel in buckets.items():
         limit = step_limit(key[-1])
         sub = lambda ts: [ts[i] for i in sel]  # noqa: E731
@@ -249,6 +257,34 @@ def adamw_foreach(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg
             _adamw_group(_slices(P, seg, "params"), _slices(G, seg, "grads", writable=False),
                          _slices(M, seg, "exp_avgs"), _slices(V, seg, "exp_avg_sqs"), _slices(S, seg, "steps"),
                          lens, sum(lens), limit=limit, **hyper)
+
+
+def _adamw_host_counts(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                       maximize=False) -> None:
+    """AdamW on tensors with per-tensor host counts (0-dim fp32 CPU steps): the bias corrections are Python
+    floats, one foreach chain per distinct count (no host sync; fp32 copies of the non-fp32 lists)."""
+    limit = step_limit(torch.float32)
+    for count, sel in host_count_groups(steps):
+        t = min(count, limit - 1) + 1.0
+        sub = lambda ts: [ts[i] for i in sel]  # noqa: E731
+        P, G, M, V = sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs)
+        p32, g32, m32, v32 = _as_fp32(P), _as_fp32(G), _as_fp32(M), _as_fp32(V)
+        if maximize:
+            g32 = torch._foreach_neg(g32)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(m32, g32, 1.0 - beta1)
+        torch._foreach_mul_(v32, beta2)
+        torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+        if lr != 0.0:
+            denom = torch._foreach_sqrt(v32)
+            torch._foreach_div_(denom, math.sqrt(1.0 - beta2 ** t))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(p32, m32, denom, -lr / (1.0 - beta1 ** t))
+        _copy_back(P, p32)
+        _copy_back(M, m32)
+        _copy_back(V, v32)
+    bump_host_counts(steps)
 
 
 def _as_fp32(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -322,7 +358,10 @@ class SparseOptimizerBase(torch.optim.Optimizer):
 
     _slot_state: Dict[str, float] = {}
 
-    def __init__(self, model, sparse_defaults: dict, other_params, other_defaults: dict):
+    def __init__(self, model, sparse_defaults: dict, other_params, other_defaults: dict,
+                 step_in_backward: bool = False):
+        if not isinstance(step_in_backward, bool):
+            raise TypeError(f"step_in_backward must be a bool, got {type(step_in_backward).__name__}")
         layers = sparse_layers(model)
         params, layer_of = [], {}
         for _, layer in layers:
@@ -344,6 +383,34 @@ class SparseOptimizerBase(torch.optim.Optimizer):
         self.layer_names = [n for n, _ in layers]
         for p in params:
             self._init_state(p, layer_of[id(p)], self.param_groups[0])
+        self.step_in_backward = step_in_backward
+        self._backward_hooks = []
+        if step_in_backward:
+            for p in params:
+                self._backward_hooks.append(p.register_post_accumulate_grad_hook(self._step_in_backward_hook))
+
+    @torch.no_grad()
+    def _step_in_backward_hook(self, param) -> None:
+        """``step_in_backward``: update one layer's values as soon as backward has accumulated their gradient,
+        then free the gradient (so the gradients of all layers are never alive together)."""
+        grad = param.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            raise RuntimeError("spiel optimizers do not support sparse gradients")
+        for group in self.param_groups:
+            if group["sparse"]:  # group 0: the hooked params are its params
+                self._step_sparse(group, [param], [grad], [self.state[param]])
+                break
+        param.grad = None
+
+    def remove_backward_hooks(self) -> None:
+        """Stop stepping in backward (``step_in_backward=True``): from now on :meth:`step` updates the sparse
+        values from their accumulated gradients, as without the option."""
+        for handle in self._backward_hooks:
+            handle.remove()
+        self._backward_hooks = []
+        self.step_in_backward = False
 
     @staticmethod
     def _other_groups(other_params, other_defaults, sparse_ids) -> List[dict]:
@@ -583,6 +650,18 @@ class SparseAdamW(SparseOptimizerBase):
             tensor read and written once, no temporaries) instead of grouped ``torch._foreach_*`` chains.
             None (default): fused on CUDA tensors when the op's selected backend there is a kernel (Triton or
             CUDA), unfused otherwise (CPU). True: always the op (on CPU its reference backend). False: never.
+        per_slot_steps: True (default): a step count per slot (below). False: one count per layer, as
+            ``torch.optim.AdamW`` keeps it (a 0-dim fp32 CPU tensor, incremented on the host: no device memory,
+            -2 B per delta); a regrown slot then gets zero moments but the layer's bias correction (as the
+            published SpIEL code, whose optimizer is torch's), so its first updates are larger (up to
+            ``lr * (1 - beta1) / sqrt(1 - beta2)``, 3.2 ``lr`` with the default betas) than with a fresh count.
+        step_in_backward: update each layer's values inside backward, as soon as their gradient is accumulated
+            (``Tensor.register_post_accumulate_grad_hook``), and free that gradient at once: the values'
+            gradients (4 B per fp32 delta) are never all alive together, so the peak drops by up to their total.
+            :meth:`step` then only updates ``other_params``. Every backward is a step, with the gradient of that
+            backward alone: no gradient accumulation over micro-batches, no clipping by the global norm, no
+            GradScaler unscaling and no DDP all-reduce before the update (single process, or gradients that need
+            none). :meth:`remove_backward_hooks` turns it off.
 
     State per sparse layer (O(k)): ``exp_avg`` [k], ``exp_avg_sq`` [k] (``state_dtype``) and ``step`` [k]: a step
     count PER SLOT, so an index regrown by the scheduler restarts Adam's bias correction on its own (regrown
@@ -590,7 +669,8 @@ class SparseAdamW(SparseOptimizerBase):
     fp32 bias corrections are 1 from there on for betas <= 0.99947), or int32 for betas closer to 1 (exact up
     to 2**24 steps, as fp32 counts were); checkpoints with fp32 per-slot steps load (converted).
 
-    Bytes per delta: persistent 10 (fp32 moments, int16 step; 6 with bf16 moments), beside the layer's values,
+    Bytes per delta: persistent 10 (fp32 moments, int16 step; 6 with bf16 moments; 2 less without per-slot
+    steps), beside the layer's values,
     grad and index. Transient at the step: two fp32 buffers of one group (8 B x ``group_numel``), plus one per
     list that is not fp32 (bf16 values: 12; bf16 values and moments: 16 B x ``group_numel``). The update runs
     as ~20 launches per group of at most ``group_numel`` deltas (layers are packed into groups in order, a
@@ -601,7 +681,8 @@ class SparseAdamW(SparseOptimizerBase):
 
     def __init__(self, model, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, state_dtype: torch.dtype = torch.float32, maximize: bool = False,
-                 other_params=None, group_numel: Optional[int] = None, fused: Optional[bool] = None):
+                 other_params=None, group_numel: Optional[int] = None, fused: Optional[bool] = None,
+                 per_slot_steps: bool = True, step_in_backward: bool = False):
         lr = _check_float("lr", lr)
         eps = _check_float("eps", eps)
         weight_decay = _check_float("weight_decay", weight_decay)
@@ -612,18 +693,46 @@ class SparseAdamW(SparseOptimizerBase):
             resolve_group_numel(group_numel)
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None or a bool, got {type(fused).__name__}")
+        if not isinstance(per_slot_steps, bool):
+            raise TypeError(f"per_slot_steps must be a bool, got {type(per_slot_steps).__name__}")
         self.fused = fused
+        self.per_slot_steps = per_slot_steps
         self.state_dtype = state_dtype
         self.group_numel = group_numel
         hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
-        super().__init__(model, hyper, other_params, dict(hyper))
+        super().__init__(model, hyper, other_params, dict(hyper), step_in_backward)
+
+    def _new_step(self, param, group) -> torch.Tensor:
+        if self.per_slot_steps:
+            return torch.zeros(param.shape, dtype=step_dtype_for(group["betas"]), device=param.device)
+        return torch.zeros((), dtype=torch.float32)  # one host count (CPU): no device memory, no sync
+
+    def _step_fits(self, step, param) -> bool:
+        if not isinstance(step, torch.Tensor):
+            return False
+        return step.shape == param.shape if self.per_slot_steps else is_host_count(step)
 
     def _init_state(self, param, layer, group) -> None:
         st = self.state[param]
         if not st:
-            st["step"] = torch.zeros(param.shape, dtype=step_dtype_for(group["betas"]), device=param.device)
+            st["step"] = self._new_step(param, group)
             st["exp_avg"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
             st["exp_avg_sq"] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
+
+    def _convert_step(self, st: dict, param, group) -> None:
+        """A ``step`` of the other kind (a checkpoint saved with the other ``per_slot_steps``): per-slot counts
+        become one host count, their largest (one device read, at the first step after loading); a host count
+        becomes per-slot counts all equal to it."""
+        step = st.get("step")
+        if not isinstance(step, torch.Tensor):
+            st["step"] = self._new_step(param, group)
+        elif self.per_slot_steps:
+            count = step.detach().reshape(-1)[:1].cpu().float() if step.numel() else torch.zeros(1)
+            new = self._new_step(param, group)
+            st["step"] = new.fill_(min(float(count[0]), step_limit(new.dtype)))
+        else:
+            count = float(step.max()) if step.numel() else 0.0
+            st["step"] = torch.tensor(min(count, float(step_limit(torch.float32))), dtype=torch.float32)
 
     @staticmethod
     def _compact_step(st: dict, betas) -> None:
@@ -644,9 +753,11 @@ class SparseAdamW(SparseOptimizerBase):
 
     def _step_sparse(self, group, params, grads, states) -> None:
         for p, st in zip(params, states):
-            if not st or st["step"].shape != p.shape:
+            if not st or st["exp_avg"].shape != p.shape:
                 st.clear()
                 self._init_state(p, self._layer_of.get(id(p)), group)
+            elif not self._step_fits(st["step"], p):
+                self._convert_step(st, p, group)
             else:
                 self._compact_step(st, group["betas"])
         beta1, beta2 = group["betas"]
@@ -693,4 +804,6 @@ class SparseAdamW(SparseOptimizerBase):
         for p in group["params"]:
             st = self.state.get(p)
             if st:
+                if not self._step_fits(st.get("step"), p):
+                    self._convert_step(st, p, group)
                 self._compact_step(st, group["betas"])

@@ -54,6 +54,9 @@ class SM3(SparseOptimizerBase):
             overrides it).
         group_numel: most deltas updated by one sequence of launches (default
             :data:`spiel.optim.adamw.GROUP_NUMEL`, read at each step); bounds the step's temporaries.
+        step_in_backward: update each layer inside backward as soon as its gradient is accumulated, and free
+            the gradient (as :class:`spiel.optim.SparseAdamW`'s option: no gradient accumulation, clipping,
+            GradScaler or DDP all-reduce before the update).
 
     State per layer: ``row`` [out] and ``col`` [in] fp32 -- views into one flat fp32 buffer per device holding
     the accumulators of all layers (grouped by layer shape), so the update gathers from and scatters into it
@@ -73,7 +76,7 @@ class SM3(SparseOptimizerBase):
 
     def __init__(self, model, lr: float = 0.1, momentum: float = 0.0, eps: float = 1e-8, weight_decay: float = 0.0,
                  *, other_params=None, other_betas: Tuple[float, float] = (0.9, 0.999), other_eps: float = 1e-8,
-                 other_weight_decay: float = 0.0, group_numel: Optional[int] = None):
+                 other_weight_decay: float = 0.0, group_numel: Optional[int] = None, step_in_backward: bool = False):
         lr = _check_float("lr", lr)
         momentum = _check_float("momentum", momentum, 0.0, 1.0)
         eps = _check_float("eps", eps)
@@ -91,7 +94,7 @@ class SM3(SparseOptimizerBase):
         self._plan_key = None
         self._plan: List[dict] = []
         self._plan_split: set = set()
-        super().__init__(model, sparse, other_params, other)
+        super().__init__(model, sparse, other_params, other, step_in_backward)
 
     # -- accumulators: one flat fp32 buffer per device, each layer's row/col a view into it
     def _ensure_accumulators(self) -> None:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spiel.ops as ops  # noqa: E402
 from spiel.ops._dispatch import kernel_for  # noqa: E402
-from test_adamw_op import HYPER, check_adamw  # noqa: E402
+from test_adamw_op import HOST, HYPER, check_adamw  # noqa: E402
 
 DEV = "cuda"
 
@@ -39,7 +39,8 @@ def test_all_dtypes(backend):
 def test_many_tensors(backend):
     sizes = tuple((37 * i) % 1500 + 1 for i in range(101))  # 101 tensors: 3 CUDA launches
     check_adamw(_kernel(backend), DEV, sizes=sizes, hypers=HYPER[:1],
-                combos=[(torch.float32, torch.float32, torch.int16), (torch.bfloat16, torch.bfloat16, torch.int32)])
+                combos=[(torch.float32, torch.float32, torch.int16), (torch.bfloat16, torch.bfloat16, torch.int32),
+                        (torch.float32, torch.float32, HOST)])
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -49,9 +50,11 @@ def test_huge_tensor(backend):
                 combos=[(torch.bfloat16, torch.bfloat16, torch.int16)])
 
 
+@pytest.mark.parametrize("options", [{}, {"per_slot_steps": False}, {"per_slot_steps": False, "step_in_backward": True}])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_sparse_adamw_fused_on_gpu(backend):
-    """SparseAdamW: the default on CUDA is the fused op; it trains like the foreach path."""
+def test_sparse_adamw_fused_on_gpu(backend, options):
+    """SparseAdamW: the default on CUDA is the fused op; it trains like the foreach path (per-slot or per-tensor
+    host counts; stepping inside backward or in step())."""
     from torch import nn
 
     from spiel.nn import SparseDeltaLinear
@@ -63,7 +66,8 @@ def test_sparse_adamw_fused_on_gpu(backend):
         torch.manual_seed(0)
         layers = nn.ModuleList([SparseDeltaLinear(64, 48, num_deltas=300, generator=torch.Generator().manual_seed(i))
                                 for i in range(3)]).to(DEV)
-        opt = SparseAdamW(layers, lr=1e-2, weight_decay=0.05, fused=fused)
+        opt = SparseAdamW(layers, lr=1e-2, weight_decay=0.05, fused=fused,
+                          **(options if fused is None else {"per_slot_steps": options.get("per_slot_steps", True)}))
         assert opt._use_fused(torch.device(DEV)) == (fused is None)
         x = torch.randn(16, 64, device=DEV)
         with ops.use_backend(backend):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import register_kernel
+from ..adamw import bump_host_counts, host_count_groups, is_host_count
 
 AVAILABLE = False
 REASON = "spiel._C is not built"
@@ -60,8 +61,16 @@ if AVAILABLE:
         @register_kernel("adamw_step", "cuda")
         def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
                        maximize) -> None:
-            _ops._cuda_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), float(beta1),
-                                   float(beta2), float(eps), float(weight_decay), bool(maximize))
+            hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
+            if not (steps and is_host_count(steps[0])):
+                _ops._cuda_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *hyper, 0.0)
+                return
+            # per-tensor host counts (the op hands in lists of one kind): no count list, one launch per count
+            for count, sel in host_count_groups(steps):
+                pick = lambda ts: [ts[i] for i in sel]  # noqa: E731
+                _ops._cuda_adamw_step_(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), [], *hyper,
+                                       count)
+            bump_host_counts(steps)
 
     if hasattr(_ops, "_cuda_select_topk_abs"):
 
