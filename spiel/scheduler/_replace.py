@@ -117,7 +117,8 @@ def _merge_sorted(kept: torch.Tensor, regrown: torch.Tensor) -> Tuple[torch.Tens
 
 
 @torch.no_grad()
-def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_fallback) -> None:
+def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_fallback, *,
+                    rebuild_plan: bool = True) -> None:
     """Replace, in every layer of the batch, its ``n`` smallest-``|value|`` entries (ties: the larger position
     leaves) by the positions ``regrown[i]`` (value 0, fresh optimizer state); indices stay sorted, k constant.
 
@@ -126,6 +127,8 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
         regrown: int64 [L, n] ascending per row, disjoint from each layer's indices (0 < n <= k).
         optimizer: its ``reindex_many(layers, order, regrown)`` is called when it has one, else its
             ``reindex(layer, order, regrown)`` per layer, else ``reindex_fallback(optimizer, values, order, regrown)``.
+        rebuild_plan: rebuild the layers' sddmm plans at the end (one host read). False leaves them stale for a
+            caller that updates several batches and rebuilds every plan with one read (:func:`rebuild_plans`).
     """
     L, n = regrown.shape
     k = layers[0].values.numel()
@@ -146,4 +149,5 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
     set_indices_trusted_many(layers, new_indices, new_values)
     del new_indices, new_values
     reindex_many(optimizer, layers, src, is_regrown, reindex_fallback)
-    rebuild_plans(layers)
+    if rebuild_plan:
+        rebuild_plans(layers)
