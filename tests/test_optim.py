@@ -396,9 +396,11 @@ def test_step_in_backward_matches_step(Opt, kwargs):
         return head(h).square().mean()
 
     runs = []
-    for in_backward in (False, True):
+    for in_backward in (False, True, "flush"):
         layers, head = build()
-        opt = Opt(layers, lr=0.05, other_params=head.parameters(), step_in_backward=in_backward, **kwargs)
+        opt = Opt(layers, lr=0.05, other_params=head.parameters(), step_in_backward=bool(in_backward), **kwargs)
+        if in_backward == "flush":  # queued layers updated as soon as they hold 40 deltas (else: at the end)
+            opt.BACKWARD_FLUSH_NUMEL = 40
         seen = []
         for step in range(4):
             x = torch.randn(5, 10, generator=torch.Generator().manual_seed(100 + step))
@@ -411,14 +413,34 @@ def test_step_in_backward_matches_step(Opt, kwargs):
                 order = torch.arange(layers[0].num_deltas)
                 opt.reindex(layers[0], order, torch.zeros_like(order, dtype=torch.bool))
         runs.append((layers, head, seen))
-    (ref_layers, ref_head, ref_seen), (layers, head, seen) = runs
+    (ref_layers, ref_head, ref_seen) = runs[0]
     assert all(not any(s) for s in ref_seen)  # without the option the grads are there after backward
-    assert all(all(s) for s in seen)  # with it, freed inside backward
-    for a, b in zip(ref_layers, layers):
-        assert not torch.equal(b.values.detach(), torch.zeros_like(b.values))
-        torch.testing.assert_close(b.values.detach(), a.values.detach(), rtol=0, atol=0)
-    for a, b in zip(ref_head.parameters(), head.parameters()):
-        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
+    for layers, head, seen in runs[1:]:
+        assert all(all(s) for s in seen)  # with it, freed inside backward
+        for a, b in zip(ref_layers, layers):
+            assert not torch.equal(b.values.detach(), torch.zeros_like(b.values))
+            torch.testing.assert_close(b.values.detach(), a.values.detach(), rtol=0, atol=0)
+        for a, b in zip(ref_head.parameters(), head.parameters()):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
+
+
+def test_step_in_backward_flushes_at_the_threshold():
+    """Layers are updated inside backward in groups: once the queued ones hold BACKWARD_FLUSH_NUMEL deltas, the
+    rest when the backward ends; the grads of an updated group are freed before later layers' backward."""
+    layers = nn.ModuleList([_layer(10, 10, 30, seed=i) for i in range(4)])
+    opt = SparseAdamW(layers, lr=0.1, step_in_backward=True)
+    opt.BACKWARD_FLUSH_NUMEL = 60  # two layers
+    alive_at_first_layer = []
+    layers[0].values.register_hook(lambda g: alive_at_first_layer.append(
+        [layer.values.grad is not None for layer in layers]))
+    h = torch.randn(3, 10)
+    for layer in layers:
+        h = torch.tanh(layer(h))
+    h.sum().backward()
+    # backward reaches layer 0 last: layers 3 and 2 were updated as a pair (grads freed), layer 1 is queued
+    assert alive_at_first_layer == [[False, True, False, False]]
+    assert all(layer.values.grad is None for layer in layers)
+    assert all(not torch.equal(layer.values.detach(), torch.zeros(30)) for layer in layers)
 
 
 def test_step_in_backward_remove_hooks_and_bad_argument():

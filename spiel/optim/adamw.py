@@ -385,24 +385,45 @@ class SparseOptimizerBase(torch.optim.Optimizer):
             self._init_state(p, layer_of[id(p)], self.param_groups[0])
         self.step_in_backward = step_in_backward
         self._backward_hooks = []
+        self._ready: List[torch.Tensor] = []  # step_in_backward: params whose gradient is complete, not yet stepped
+        self._ready_numel = 0
         if step_in_backward:
             for p in params:
                 self._backward_hooks.append(p.register_post_accumulate_grad_hook(self._step_in_backward_hook))
 
-    @torch.no_grad()
+    #: ``step_in_backward``: the layers whose gradients are complete are updated together once they hold this many
+    #: deltas (and at the end of each backward): a few fused launches per backward instead of one per layer (the
+    #: per-call host cost), for at most this many gradient elements alive beyond the current layer's.
+    BACKWARD_FLUSH_NUMEL = 2 ** 24
+
     def _step_in_backward_hook(self, param) -> None:
-        """``step_in_backward``: update one layer's values as soon as backward has accumulated their gradient,
-        then free the gradient (so the gradients of all layers are never alive together)."""
-        grad = param.grad
-        if grad is None:
+        """``step_in_backward``: queue ``param`` (its gradient is complete); update the queued layers once they
+        hold :attr:`BACKWARD_FLUSH_NUMEL` deltas, and the rest when the backward ends (an autograd engine
+        callback), freeing their gradients."""
+        if param.grad is None:
             return
-        if grad.is_sparse:
-            raise RuntimeError("spiel optimizers do not support sparse gradients")
+        if not self._ready:
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_ready)
+        self._ready.append(param)
+        self._ready_numel += param.numel()
+        if self._ready_numel >= self.BACKWARD_FLUSH_NUMEL:
+            self._flush_ready()
+
+    @torch.no_grad()
+    def _flush_ready(self) -> None:
+        params = [p for p in self._ready if p.grad is not None]
+        self._ready, self._ready_numel = [], 0
+        if not params:
+            return
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("spiel optimizers do not support sparse gradients")
         for group in self.param_groups:
             if group["sparse"]:  # group 0: the hooked params are its params
-                self._step_sparse(group, [param], [grad], [self.state[param]])
+                self._step_sparse(group, params, [p.grad for p in params], [self.state[p] for p in params])
                 break
-        param.grad = None
+        for p in params:
+            p.grad = None
 
     def remove_backward_hooks(self) -> None:
         """Stop stepping in backward (``step_in_backward=True``): from now on :meth:`step` updates the sparse
@@ -410,6 +431,7 @@ class SparseOptimizerBase(torch.optim.Optimizer):
         for handle in self._backward_hooks:
             handle.remove()
         self._backward_hooks = []
+        self._flush_ready()
         self.step_in_backward = False
 
     @staticmethod

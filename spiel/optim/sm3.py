@@ -4,6 +4,7 @@ which :class:`spiel.scheduler.SpielScheduler` regrows indices in ``mode="ma"``.
 """
 from __future__ import annotations
 
+import collections
 import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
@@ -16,6 +17,7 @@ from .adamw import (SparseOptimizerBase, _check_betas, _check_float, _fp32_copy,
 __all__ = ["SM3"]
 
 _INT32_MAX = 2 ** 31 - 1
+_PLAN_CACHE_SIZE = 16
 
 
 def _to_device(values: List[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -91,8 +93,9 @@ class SM3(SparseOptimizerBase):
         self._acc_version = 0
         self._acc_bufs: Dict[torch.device, torch.Tensor] = {}  # device -> flat fp32 accumulators
         self._acc_slots: Dict[int, tuple] = {}  # id(param) -> (row offset, col offset, row view, col view)
-        self._plan_key = None
-        self._plan: List[dict] = []
+        # plans by key (the set of layers stepped together: every layer in step(), a few subsets with
+        # step_in_backward); a handful of entries, least recently used dropped
+        self._plans: "collections.OrderedDict[tuple, Tuple[List[dict], set]]" = collections.OrderedDict()
         self._plan_split: set = set()
         super().__init__(model, sparse, other_params, other, step_in_backward)
 
@@ -175,8 +178,11 @@ class SM3(SparseOptimizerBase):
         layers = [self._layer_of[id(p)] for p in params]
         key = (group_numel, self._acc_version) + tuple(
             (id(p), p.numel(), p.dtype, g.dtype, layer.indices.dtype) for p, g, layer in zip(params, grads, layers))
-        if key == self._plan_key:
-            return self._plan
+        hit = self._plans.get(key)
+        if hit is not None:
+            self._plans.move_to_end(key)
+            self._plan_split = hit[1]
+            return hit[0]
         buckets: Dict[tuple, List[int]] = defaultdict(list)
         for pos, (p, g, layer) in enumerate(zip(params, grads, layers)):
             if p.numel():
@@ -204,7 +210,9 @@ class SM3(SparseOptimizerBase):
                     entry["row_steps"] = _to_device([b - a for a, b in zip([0] + rows, rows)], wdt, dev)
                     entry["col_steps"] = _to_device([b - a for a, b in zip([0] + cols, cols)], wdt, dev)
                 plan.append(entry)
-        self._plan_key, self._plan = key, plan
+        self._plans[key] = (plan, self._plan_split)
+        while len(self._plans) > _PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
         return plan
 
     def _step_sparse(self, group, params, grads, states) -> None:
