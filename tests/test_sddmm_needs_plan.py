@@ -99,3 +99,26 @@ def test_presence_counts_batched_match_a_direct_count(monkeypatch, budget):
         ntr, ntc = P.grid_dims(out_f, in_f)
         tiles = ((r // P.TILE) * ntc + c // P.TILE).unique().numel()
         assert got[i] == [tiles, r.unique().numel(), c.unique().numel()], i
+
+
+@pytest.mark.parametrize("out_f,in_f", [(512, 768), (1000, 300), (2048, 512), (4096, 1024)])
+def test_no_plan_stays_no_plan_when_indices_are_added(out_f, in_f):
+    """What the AG scheduler relies on when it installs candidates without deciding the plan again: an index set
+    that needs no plan (dense_blas for both backends, no compaction) still needs none with more indices added
+    (random ones, or ones concentrated in 10% of rows and columns), at every density. (A concentrated set alone
+    always needs a plan: its compaction.)"""
+    kind = "random"
+    gen = torch.Generator().manual_seed(out_f * 7 + in_f)
+    numel = out_f * in_f
+    seen_no_plan = 0
+    for density in (0.0005, 0.002, 0.005, 0.01, 0.03, 0.1):
+        idx = _indices(out_f, in_f, max(1, int(density * numel)), kind, gen)
+        if P.needs_plan(idx.to(torch.int32), out_f, in_f):
+            continue
+        seen_no_plan += 1
+        for extra_kind in ("random", "concentrated"):
+            for extra_fraction in (0.05, 0.2, 1.0):
+                extra = _indices(out_f, in_f, max(1, int(extra_fraction * idx.numel())), extra_kind, gen)
+                union = torch.unique(torch.cat([idx, extra])).to(torch.int32)
+                assert not P.needs_plan(union, out_f, in_f), (density, extra_kind, extra_fraction)
+    assert seen_no_plan >= 1  # the property was exercised
