@@ -40,8 +40,8 @@ def device_tensor(values: Sequence[int], device: torch.device, dtype=torch.int64
 
 
 def _uses_low_precision_gemm(grad_output: torch.Tensor, input: torch.Tensor) -> bool:
-    """Whether the probe's gradient blocks come from the bf16/fp16 GEMM with fp32 output (CUDA, same dtypes:
-    ``torch.mm(..., out_dtype=torch.float32)``); otherwise the inputs are upcast to fp32 (always on CPU)."""
+    """Whether the probe's gradient blocks come from the bf16/fp16 GEMM (CUDA, same dtypes: fp32 accumulation,
+    the block stored in that dtype); otherwise the inputs are upcast to fp32 (always on CPU)."""
     return grad_output.is_cuda and grad_output.dtype in _LOW_PRECISION and input.dtype == grad_output.dtype
 
 
@@ -63,13 +63,17 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
     ``exclude``.
 
     Args:
-        grad_output: [T, out]; input: [T, in] (any float dtype; on CUDA, bf16/fp16 blocks come from the
-            low-precision GEMM with fp32 output when torch has it, else the inputs are upcast; CPU: fp32).
+        grad_output: [T, out]; input: [T, in] (any float dtype; on CUDA with both bf16 or both fp16, the
+            blocks come from that dtype's GEMM, fp32-accumulated and rounded to the dtype: half the bytes of
+            an fp32 block to write and to select from, and the block's memory halved; the ranking is then
+            that of the rounded magnitudes, ties by position; otherwise, and on CPU, fp32).
         exclude: sorted unique int32/int64 flat positions never returned (the active indices), or None.
         k: how many to return; at most ``out * in - len(exclude)``.
         block_elements: the gradient is formed ``max(1, block_elements // in)`` rows at a time.
     Returns ``(positions int64 [k] ascending, |grad| fp32 [k])``, ties by the smaller position. Memory
     O(k + len(exclude) + block); no host sync. NaN gradients count as 0 (and +-inf as the largest float).
+    Why a rounded ranking is enough: these are candidates, whose exact gradients are then accumulated over the
+    AG window; rounding only reorders entries within one bf16 step (2**-8 relative) of each other.
     """
     if grad_output.dim() != 2 or input.dim() != 2 or grad_output.shape[0] != input.shape[0]:
         raise ValueError(f"grad_output [T, out] and input [T, in] must be 2-D with the same T, got "
@@ -91,7 +95,7 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
     x = input if low_precision or input.dtype == torch.float32 else input.float()  # upcast once, not per block
     # one gradient buffer for every block; the selection op reads it (|.|, NaN as 0, the active indices of the
     # block ranked last) without writing it: on CUDA a radix select of five streaming passes, no host sync
-    buf = torch.empty(block_n, dtype=torch.float32, device=device)
+    buf = torch.empty(block_n, dtype=grad_output.dtype if low_precision else torch.float32, device=device)
     tops_pos, tops_score, pending = [], [], 0
     for r0 in range(0, out_f, rows_per_block):
         r1 = min(out_f, r0 + rows_per_block)
@@ -99,7 +103,7 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
         block = buf[:n]
         go = grad_output[:, r0:r1]
         if low_precision:
-            torch.mm(go.t(), x, out_dtype=torch.float32, out=block.view(r1 - r0, in_f))
+            torch.mm(go.t(), x, out=block.view(r1 - r0, in_f))
         else:
             torch.mm((go if go.dtype == torch.float32 else go.float()).t(), x, out=block.view(r1 - r0, in_f))
         # a block with fewer than k entries outside exclude returns some excluded ones at -inf: the merge

@@ -144,8 +144,9 @@ class SpielScheduler:
             decaying per ``schedule`` ("linear" default, "cosine", or "constant").
         candidates_per_slot: AG: candidates per regrown index (default 1).
         block_elements: AG: dense-gradient elements formed at once by the candidate probe (rows of
-            ``block_elements // in_features``; default 2**26, a 256 MiB fp32 transient during the probe's
-            backward: one block per 7B-sized layer, 2.5x faster than 2**24 blocks on the H100).
+            ``block_elements // in_features``; default 2**26, a 128 MiB transient during the probe's backward
+            with bf16/fp16 activations on CUDA (256 MiB in fp32): one block per 7B-sized layer, 2.5x faster
+            than 2**24 blocks on the H100).
         grad_scaler: a ``torch.amp.GradScaler`` when training with fp16 loss scaling: candidate gradients are
             divided by the scale used in their backward, and a step whose candidate gradients are not finite is
             skipped. Call ``scaler.update()`` before ``scheduler.step()``. Without it candidate gradients are

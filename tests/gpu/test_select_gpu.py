@@ -82,3 +82,28 @@ def test_probe_backends_agree(block_elements):
     with ops.use_backend("cuda"):
         got = top_gradient_entries(go, x, exclude, 192_979, block_elements)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_probe_bf16_blocks_rank_like_fp32():
+    """bf16 activations: the probe ranks the bf16-rounded gradient (half the bytes); its candidates are the fp32
+    gradient's top-k except near the threshold, where entries within one bf16 step of each other may swap."""
+    _cuda()
+    from spiel.scheduler._select import top_gradient_entries
+
+    g = torch.Generator(device=DEV).manual_seed(5)
+    go = torch.randn(256, 3000, device=DEV, dtype=torch.bfloat16, generator=g)
+    x = torch.randn(256, 1111, device=DEV, dtype=torch.bfloat16, generator=g)
+    exclude = torch.randperm(3000 * 1111, device=DEV, generator=g)[:80_000].sort().values
+    k = 50_000
+    pos, score = top_gradient_entries(go, x, exclude, k)
+    dense = torch.mm(go.float().t(), x.float()).view(-1).abs()
+    dense[exclude] = -1.0
+    truth = torch.topk(dense, k).indices.sort().values
+    assert pos.numel() == k and bool((pos[1:] > pos[:-1]).all())
+    assert not bool(torch.isin(pos, exclude).any())
+    overlap = torch.isin(pos, truth).float().mean().item()
+    threshold = dense[truth].min()
+    # every chosen entry is within a bf16 rounding step (2**-8 relative) of the fp32 threshold or above it
+    assert bool((dense[pos] >= threshold * (1 - 2.0 ** -7)).all())
+    assert overlap > 0.99, overlap
+    torch.testing.assert_close(score, dense[pos].bfloat16().float(), rtol=2.0 ** -7, atol=0)
