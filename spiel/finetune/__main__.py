@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spiel-ag: candidates probed per regrown index; their gradients accumulated over "
                         "--accumulation-steps steps pick the regrown ones (1: the probe's top |gradient| alone "
                         "decides)")
+    g.add_argument("--adamw-step-counts", default="slot", choices=("slot", "tensor"),
+                   help="spiel-ag: SparseAdamW's bias-correction counts: one per slot (a regrown index restarts its "
+                        "own) or one per layer, as torch's AdamW (SparseAdamW(per_slot_steps=False))")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="optimizer steps per run")
     g.add_argument("--batch-size", type=_positive_int, default=32)
@@ -244,7 +247,8 @@ def run(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
     if not any(m.startswith("spiel") for m in methods):
         spiel_only = [flag for flag, used in (("--drop-schedule", args.drop_schedule != "linear"),
                                               ("--update-end", args.update_end != 1.0),
-                                              ("--candidates-per-slot", args.candidates_per_slot != 1)) if used]
+                                              ("--candidates-per-slot", args.candidates_per_slot != 1),
+                                              ("--adamw-step-counts", args.adamw_step_counts != "slot")) if used]
         if spiel_only:
             parser.error(f"{', '.join(spiel_only)} only apply to spiel-ag / spiel-ma, which this run does not "
                          f"train ({', '.join(methods)})")
@@ -310,7 +314,7 @@ def run(argv: Optional[Sequence[str]] = None) -> List[RunResult]:
                 num_tunable=args.num_tunable, target_modules=targets,
                 reselection_steps=args.reselection_steps, accumulation_steps=args.accumulation_steps,
                 drop_fraction=args.drop_fraction, drop_schedule=args.drop_schedule, update_end=args.update_end,
-                candidates_per_slot=args.candidates_per_slot,
+                candidates_per_slot=args.candidates_per_slot, per_slot_steps=args.adamw_step_counts == "slot",
                 eval_every=args.eval_every, progress=not args.no_progress)
             try:
                 result = train_run(kind, model_path, data, tokenizer, cfg,

@@ -56,6 +56,7 @@ class RunConfig:
     drop_schedule: str = "linear"
     update_end: float = 1.0
     candidates_per_slot: int = 1
+    per_slot_steps: bool = True
     eval_batch_size: int = 64
     eval_every: int = 0
     progress: bool = True
@@ -305,7 +306,8 @@ def prepare_method(model: nn.Module, kind: str, cfg: RunConfig) -> Prepared:
         if cfg.method == "spiel-ma":  # SM3's row/column accumulators drive MA's regrowth
             opt = spiel.optim.SM3(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            opt = spiel.optim.SparseAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = spiel.optim.SparseAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          per_slot_steps=cfg.per_slot_steps)
         optimizers.insert(0, opt)
         scheduler = spiel.scheduler.SpielScheduler(
             model, opt, mode=cfg.method.split("-")[1], total_steps=update_end_step(cfg.steps, cfg.update_end),

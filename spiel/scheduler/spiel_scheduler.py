@@ -471,6 +471,10 @@ class SpielScheduler:
     def _apply(self, todo) -> None:
         """Drop ``len(regrown)`` smallest-|value| entries per layer, insert ``regrown`` (value 0), keep indices
         sorted, and permute the optimizer's per-slot state; batched by (device, k, n)."""
+        # the updated layers' gradients are stale once their indices change (set_indices drops them): free them
+        # all before the first batch, so the batches' temporaries never sit on top of them
+        for _, layer, _ in todo:
+            layer.values.grad = None
         for batch in batches(todo, key=lambda it: (it[1].values.device, it[1].values.numel(), it[2].numel()),
                              size=lambda it: it[1].values.numel()):
             regrown = torch.stack([it[2].to(it[1].values.device) for it in batch])
