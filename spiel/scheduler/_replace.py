@@ -19,14 +19,13 @@ from ._select import top_abs_rows
 __all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_indices_trusted_many", "set_candidates_trusted",
            "rebuild_plans", "reindex_many"]
 
-#: Most elements (L * k) one batch of the update works on: bounds its temporaries (about 40 bytes per element:
-#: ~0.6 GiB at 2**24). The update step is host-bound (~25 launches per layer plus ~80 per batch; 180-280 ms of
-#: host for 84 ms of kernels at 7B with 2**22, i.e. ~40 batches), so fewer, larger batches pay: 2**24 makes ~11.
-#: The scheduler frees the updated layers' gradients before the first batch (they are stale once the indices
-#: change, and set_indices drops them anyway), which more than pays for the larger temporaries while the
-#: gradients are still alive (the update runs between optimizer.step() and zero_grad()). Session 3 measured the
-#: update step's peak 0.73 GiB above the plain steps at 2**24 with the gradients alive.
-BATCH_ELEMENTS = 1 << 24
+#: Most elements (L * k) one batch of the update works on: bounds its temporaries (~70 bytes per element at the
+#: drop's peak: fp32 values, their sort, int64 positions and slots). H100, 7B AG: at 2**26 the update step peaked
+#: 4.4 GiB above the plain steps, at 2**24 0.73 GiB (session 3) and in session 7, with the stale gradients freed
+#: first, still 0.6 GiB above the previous peak (17.85 GiB against 17.25); 2**22 keeps it below the AG window's
+#: peak, at ~40 batches of ~80 launches each per update (the apply is host-bound: 180-280 ms of host for 84 ms
+#: of kernels at 7B).
+BATCH_ELEMENTS = 1 << 22
 
 T = TypeVar("T")
 

@@ -472,7 +472,7 @@ class SpielScheduler:
         """Drop ``len(regrown)`` smallest-|value| entries per layer, insert ``regrown`` (value 0), keep indices
         sorted, and permute the optimizer's per-slot state; batched by (device, k, n)."""
         # the updated layers' gradients are stale once their indices change (set_indices drops them): free them
-        # all before the first batch, so the batches' temporaries never sit on top of them
+        # all before the first batch, not batch by batch (the update runs before zero_grad)
         for _, layer, _ in todo:
             layer.values.grad = None
         for batch in batches(todo, key=lambda it: (it[1].values.device, it[1].values.numel(), it[2].numel()),
