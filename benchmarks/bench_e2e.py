@@ -328,11 +328,9 @@ def run_provider(name: str, args, device) -> dict:
     if args.warmup is not None:
         warmup = args.warmup
     else:
-        # spiel: through the first index update (the scheduler's first reselection ends at step 2S): its
-        # one-time costs (allocator growth for the probe's gradient block, first launches of new GEMM shapes;
-        # ~300 ms once at 7B on an H100) stay out of the window, whose two updates are then steady ones as in a
-        # long run. Those warm-up steps are kept in the result ("warmup_step_ms") and the peak covers them.
-        warmup = (5 if big else 2 * args.reselection_steps) if spiel else (2 if big else 3)
+        # spiel: one reselection cycle, which ends with the first index update (at step S); the warm-up steps'
+        # times are kept in the result ("warmup_step_ms") and the peak covers them
+        warmup = (5 if big else args.reselection_steps) if spiel else (2 if big else 3)
     notes: list = []
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -423,7 +421,7 @@ def parse_args(argv=None):
     p.add_argument("--baseline-steps", type=int, default=None, help="measured steps for non-spiel providers "
                                                                     "(default min(--steps, 10))")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up steps (default: 2 x reselection-steps for spiel, through its first index update; 3 for "
+                   help="warm-up steps (default: reselection-steps for spiel, through its first index update; 3 for "
                         "baselines; 70b: 5 and 2)")
     p.add_argument("--reselection-steps", type=int, default=20, help="S of the scheduler (default 20)")
     p.add_argument("--accumulation-steps", type=int, default=5, help="gamma of the scheduler (default 5)")
