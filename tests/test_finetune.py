@@ -84,6 +84,8 @@ def test_causal_lm_labels_mask_the_prompt():
     (["--compare", "lora,full", "--update-end", "0.75"], "only apply to spiel"),
     (["--candidates-per-slot", "0"], "positive integer"),
     (["--method", "full", "--candidates-per-slot", "4"], "only apply to spiel"),
+    (["--method", "lora", "--adamw-step-counts", "tensor"], "only apply to spiel"),
+    (["--adamw-step-counts", "row"], "invalid choice"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
