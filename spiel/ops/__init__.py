@@ -11,7 +11,7 @@ and Triton / CUDA kernels where available, chosen by :func:`set_backend` (defaul
 ``sparse_delta_linear``         the layer: autograd for input, values, bias (and candidates)
 ``topk_abs`` / ``topk_outer``   deterministic top-k (ties by position), outer product never formed
 ``select_topk_abs``             the k largest |x| as an ascending set, excluded positions last (AG probe)
-``adamw_step_``                 fused AdamW over lists of tensors with per-slot step counts (in place)
+``adamw_step_``                 fused AdamW over lists of tensors with per-slot (or per-tensor host) step counts (in place)
 ==============================  =================================================================
 """
 from ._dispatch import (

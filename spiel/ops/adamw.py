@@ -6,7 +6,9 @@ tensor, so the unfused update is a chain of ~20 ``torch._foreach_*`` launches pe
 the whole update in one pass over the five lists: it reads params, grads, both moments and the counts once and
 writes params, moments and counts once (32 B per fp32 delta with int16 counts). The CUDA and Triton kernels
 cover every tensor of a call in one launch (per 48 tensors for CUDA); the reference backend is the plain
-per-tensor math in fp32.
+per-tensor math in fp32. A tensor may instead have one count (a 0-dim fp32 CPU tensor, as torch's AdamW keeps
+it): the kernels then take the count as an argument (one launch per distinct count) and it is incremented on
+the host (``SparseAdamW(per_slot_steps=False)``: 2 B per delta less).
 """
 from __future__ import annotations
 
