@@ -348,7 +348,8 @@ class SpielScheduler:
             # A layer whose active indices run without a plan (sddmm's dense bands: every row band, then a
             # gather) keeps running without one with candidates added: the cost model's dense_blas cost does not
             # depend on the index set beyond k, and every other strategy only gets dearer with more indices.
-            # Deciding it again would count the presence of k + c entries per layer (~90 ms of GPU at 7B).
+            # Deciding it again would count the presence of k + c entries per layer (21 ms of kernels and a host
+            # read at 7B).
             if getattr(layer, "sddmm_plan", None) is not None or not isinstance(layer, SparseDeltaLinear):
                 replan.append(layer)
             # probe/union results are sorted, unique, in range and outside the active indices
