@@ -674,8 +674,8 @@ class SparseAdamW(SparseOptimizerBase):
             CUDA), unfused otherwise (CPU). True: always the op (on CPU its reference backend). False: never.
         per_slot_steps: True (default): a step count per slot (below). False: one count per layer, as
             ``torch.optim.AdamW`` keeps it (a 0-dim fp32 CPU tensor, incremented on the host: no device memory,
-            -2 B per delta); a regrown slot then gets zero moments but the layer's bias correction (as the
-            published SpIEL code, whose optimizer is torch's), so its first updates are larger (up to
+            -2 B per delta); a regrown slot then gets zero moments but the layer's bias correction (what
+            resetting a slot's state under torch's AdamW gives), so its first updates are larger (up to
             ``lr * (1 - beta1) / sqrt(1 - beta2)``, 3.2 ``lr`` with the default betas) than with a fresh count.
         step_in_backward: update each layer's values inside backward, as soon as their gradient is accumulated
             (``Tensor.register_post_accumulate_grad_hook``), and free that gradient at once: the values'
