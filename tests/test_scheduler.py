@@ -504,3 +504,56 @@ def test_trainer_callback_runs_scheduler_and_resumes(tmp_path):
     for (n, m), (_, m2) in zip(model.named_modules(), model2.named_modules()):
         if isinstance(m, SparseDeltaLinear):
             assert torch.equal(m.indices, m2.indices), n
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("mode", ["ag", "ma"])
+def test_step_in_backward_trains_like_step_with_checkpointing_and_index_updates(mode, use_reentrant):
+    """An optimizer that steps inside backward (queued layers flushed at a small threshold and at the end of each
+    (inner) backward) trains bit-identically to backward() + step() through gradient-checkpointed blocks and the
+    scheduler's probe, candidate window and reselections."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.a = SparseDeltaLinear(12, 16, num_deltas=40, generator=g)
+            self.b = SparseDeltaLinear(16, 12, num_deltas=40, generator=g)
+
+        def forward(self, x):
+            return x + self.b(torch.tanh(self.a(x)))
+
+    runs = []
+    for in_backward in (False, True):
+        torch.manual_seed(0)
+        blocks = nn.ModuleList([Block(1), Block(2)])
+        if mode == "ag":
+            opt = SparseAdamW(blocks, lr=0.05, per_slot_steps=False, step_in_backward=in_backward)
+        else:
+            opt = SM3(blocks, lr=0.05, step_in_backward=in_backward)
+        opt.BACKWARD_FLUSH_NUMEL = 50  # flush inside backward too, not only at its end
+        initial = [m.indices.clone() for m in blocks.modules() if isinstance(m, SparseDeltaLinear)]
+        sched = SpielScheduler(blocks, opt, mode, total_steps=100, reselection_steps=4, accumulation_steps=2,
+                               drop_fraction=0.25)
+        for step in range(13):
+            x = torch.randn(6, 12, generator=torch.Generator().manual_seed(50 + step))
+            h = x.requires_grad_(use_reentrant)  # reentrant checkpointing needs an input that requires grad
+            for block in blocks:
+                h = checkpoint(block, h, use_reentrant=use_reentrant)
+            h.square().mean().backward()
+            grads_left = [m.values.grad is not None for m in blocks.modules() if isinstance(m, SparseDeltaLinear)]
+            assert grads_left == [not in_backward] * 4  # stepped (and freed) inside backward, or not
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        final = [m.indices for m in blocks.modules() if isinstance(m, SparseDeltaLinear)]
+        assert all(not torch.equal(a, b) for a, b in zip(initial, final))  # the reselections happened
+        runs.append(blocks)
+    updates = 0
+    for a, b in zip(runs[0].modules(), runs[1].modules()):
+        if isinstance(a, SparseDeltaLinear):
+            assert torch.equal(a.indices, b.indices)
+            assert torch.equal(a.values.detach(), b.values.detach())
+            updates += 1
+    assert updates == 4
