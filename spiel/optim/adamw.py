@@ -683,7 +683,8 @@ class SparseAdamW(SparseOptimizerBase):
             :meth:`step` then only updates ``other_params``. Every backward is a step, with the gradient of that
             backward alone: no gradient accumulation over micro-batches, no clipping by the global norm, no
             GradScaler unscaling and no DDP all-reduce before the update (single process, or gradients that need
-            none). :meth:`remove_backward_hooks` turns it off.
+            none); a training loop's clipping (e.g. the transformers Trainer's ``max_grad_norm``) then sees no
+            gradient of the deltas. :meth:`remove_backward_hooks` turns it off.
 
     State per sparse layer (O(k)): ``exp_avg`` [k], ``exp_avg_sq`` [k] (``state_dtype``) and ``step`` [k]: a step
     count PER SLOT, so an index regrown by the scheduler restarts Adam's bias correction on its own (regrown
