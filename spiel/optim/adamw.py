@@ -267,15 +267,9 @@ def _adamw_host_counts(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1
     for count, sel in host_count_groups(steps):
         t = min(count, limit - 1) + 1.0
         sub = lambda ts: [ts[i] for i in sel]  # noqa: E731
-        P, G, M, V = sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs)
-        p32, g32, m32, v32 = _as_fp32(P), _as_fp32(G), _as_fp32(M), _as_fp32(V)
-        if maximize:
-            g32 = torch._foreach_neg(g32)
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(m32, g32, 1.0 - beta1)
-        torch._foreach_mul_(v32, beta2)
-        torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+        P, M, V = sub(params), sub(exp_avgs), sub(exp_avg_sqs)
+        p32, m32, v32 = _decay_and_moments(P, sub(grads), M, V, lr=lr, beta1=beta1, beta2=beta2,
+                                           weight_decay=weight_decay, maximize=maximize)
         if lr != 0.0:
             denom = torch._foreach_sqrt(v32)
             torch._foreach_div_(denom, math.sqrt(1.0 - beta2 ** t))
@@ -291,6 +285,21 @@ def _as_fp32(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
 
+def _decay_and_moments(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, weight_decay, maximize):
+    """The first half of an AdamW step on fp32 views (copies for non-fp32 lists): decoupled decay of the params,
+    both moments updated. Returns (p32, m32, v32); the caller applies the bias-corrected update and copies back."""
+    p32, g32 = _as_fp32(params), _as_fp32(grads)
+    m32, v32 = _as_fp32(exp_avgs), _as_fp32(exp_avg_sqs)
+    if maximize:
+        g32 = torch._foreach_neg(g32)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(m32, g32, 1.0 - beta1)
+    torch._foreach_mul_(v32, beta2)
+    torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+    return p32, m32, v32
+
+
 def _copy_back(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
     if pairs:
@@ -301,15 +310,8 @@ def _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
                  maximize=False) -> None:
     """AdamW on dense tensors with 0-dim fp32 step counts (``other_params``: few, small tensors), unchunked."""
     torch._foreach_add_(steps, 1.0)
-    p32, g32 = _as_fp32(params), _as_fp32(grads)
-    m32, v32 = _as_fp32(exp_avgs), _as_fp32(exp_avg_sqs)
-    if maximize:
-        g32 = torch._foreach_neg(g32)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(m32, g32, 1.0 - beta1)
-    torch._foreach_mul_(v32, beta2)
-    torch._foreach_addcmul_(v32, g32, g32, 1.0 - beta2)
+    p32, m32, v32 = _decay_and_moments(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
+                                       weight_decay=weight_decay, maximize=maximize)
     if lr != 0.0:
         bc1 = torch._foreach_pow(beta1, steps)  # beta1^t
         bc2 = torch._foreach_pow(beta2, steps)
