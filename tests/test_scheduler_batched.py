@@ -428,8 +428,12 @@ def _many_layers(n_layers, mode, seed=0):
     return model, opt, sched
 
 
-@pytest.mark.parametrize("mode", ["ag", "ma"])
-def test_index_update_host_syncs_do_not_grow_with_layers(mode, monkeypatch):
+def _scheduler_syncs(mode, monkeypatch, batch_budget=None):
+    """Host syncs of each of 4 scheduler steps (an update at step 4) with 3 and 12 layers: {n_layers: [counts]}.
+    The backward (where the AG probe fires) must not sync at all. ``batch_budget``: the drop + regrow's batch
+    budget (1: every layer its own batch)."""
+    from spiel.scheduler import _replace
+
     counts = {}
     for n_layers in (3, 12):
         model, opt, sched = _many_layers(n_layers, mode)
@@ -441,6 +445,8 @@ def test_index_update_host_syncs_do_not_grow_with_layers(mode, monkeypatch):
                 loss.backward()  # AG: the probe fires in the backward of step 2
             assert probe_syncs.count == 0, probe_syncs.where
             opt.step()
+            if batch_budget is not None:
+                monkeypatch.setattr(_replace.batches, "__defaults__", (batch_budget,))
             with _SyncCounter(monkeypatch) as rec:
                 sched.step()
             per_step.append(rec.count)
@@ -448,6 +454,12 @@ def test_index_update_host_syncs_do_not_grow_with_layers(mode, monkeypatch):
             monkeypatch.undo()
         assert sched.last_update and len(sched.last_update) == n_layers
         counts[n_layers] = per_step
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["ag", "ma"])
+def test_index_update_host_syncs_do_not_grow_with_layers(mode, monkeypatch):
+    counts = _scheduler_syncs(mode, monkeypatch)
     # the step with the update (and, AG, the candidate installation) does a constant number of syncs, the plan
     # decisions of all layers included (one read-back per batch of layers of one shape)
     assert counts[3] == counts[12], counts
@@ -459,25 +471,7 @@ def test_index_update_host_syncs_do_not_grow_with_batches(mode, monkeypatch):
     """Every layer its own batch of the drop + regrow (a tiny batch budget, as 7B layers against the real one):
     the plans are still decided with one read-back for the whole update, not one per batch. (MA's batched
     top-k of the outer products reads back a few counts per batch of one shape: not covered here.)"""
-    from spiel.scheduler import _replace
-
-    counts = {}
-    for n_layers in (3, 12):
-        model, opt, sched = _many_layers(n_layers, mode)
-        per_step = []
-        for step in range(4):
-            x = torch.randn(4, 12)
-            loss = sum(layer(x if layer.in_features == 12 else torch.randn(4, 16)).pow(2).sum() for layer in model)
-            loss.backward()
-            opt.step()
-            monkeypatch.setattr(_replace.batches, "__defaults__", (1,))  # one layer per batch
-            with _SyncCounter(monkeypatch) as rec:
-                sched.step()
-            per_step.append(rec.count)
-            opt.zero_grad()
-            monkeypatch.undo()
-        assert sched.last_update and len(sched.last_update) == n_layers
-        counts[n_layers] = per_step
+    counts = _scheduler_syncs(mode, monkeypatch, batch_budget=1)
     assert counts[3] == counts[12], counts
 
 
