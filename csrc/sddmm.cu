@@ -9,11 +9,12 @@
 //             (tile, row, col). Per chunk of V = 16 B / sizeof(T) tokens the CTA stages
 //             grad_output[t-chunk, item rows] and input[t-chunk, item cols] *transposed* into shared memory:
 //             one 16-byte row per output row / input column holding its V tokens (loads are coalesced
-//             16-byte vectors along the feature axis, transposed in registers). Each thread owns a run of
-//             <= 32 consecutive entries in row-major order (plan section `sperm`) and accumulates them in fp32
-//             registers: one 16-byte shared load of the input column per entry, the grad_output row loaded
-//             and converted once per run of equal rows. Rows are XOR-swizzled in 16-byte units so the
-//             transposing stores are conflict-free.
+//             16-byte vectors along the feature axis, transposed in registers). Step i of
+//             thread t is entry i * 256 + t of the item's row-major order (plan section `sperm`): a warp's 32
+//             lanes take 32 consecutive entries (their grad_output rows mostly coincide: a shared-memory
+//             broadcast), every step loads both 16-byte rows with no data-dependent branch, and fp32
+//             accumulators stay in registers. Rows are XOR-swizzled in 16-byte units so the transposing
+//             stores are conflict-free.
 // dense_tile  CTA (non-empty 128 x 128 tile, T split): C = A[t, rows]^T @ B[t, cols] with WMMA (bf16/fp16
 //             mma.sync, fp32 accumulators), 4-stage cp.async pipeline over T, the tile stored to shared
 //             memory, and only the tile's requested entries read back. A/B are grad_output/input or their
@@ -98,6 +99,30 @@ void choose_splits(int64_t T, int64_t units, int64_t target, int64_t align, int6
   S = ceil_div(T, t_split);
 }
 
+// T splits of the sparse strategy. The item count is estimated from the host-known shape and k as for a
+// random mask (every superblock non-empty, k spread evenly: ceil(k_sb / kEMax) items each; the exact count
+// is on the device). A CTA's time is ~ its tokens, and the grid runs in waves of `slots` resident CTAs, so
+// S is the fewest splits within 3% of the least waves * tokens per split (a partial-wave tail cost up to half
+// the kernel with a fixed CTA target); splits keep >= 128 tokens and S <= 64.
+void choose_sparse_splits(int64_t T, int64_t k, const Layout& L, int64_t slots, int64_t align, int64_t& S,
+                          int64_t& t_split) {
+  const int64_t n_sb = ceil_div(L.ntr, kSB) * ceil_div(L.ntc, kSB);
+  const int64_t per_sb = ceil_div(k, n_sb);
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(L.wmax, n_sb * ceil_div(per_sb, kEMax)));
+  const int64_t s_max = std::max<int64_t>(1, std::min<int64_t>(64, T / 128));
+  auto cost = [&](int64_t s) {
+    const int64_t ts = ceil_div(ceil_div(T, s), align) * align;
+    return ceil_div(items * ceil_div(T, ts), slots) * ts;
+  };
+  int64_t best = cost(1);
+  for (int64_t s = 2; s <= s_max; ++s) best = std::min(best, cost(s));
+  // the fewest splits within 3% of the best: each split adds k partial sums to write and reduce
+  S = 1;
+  while (S < s_max && cost(S) * 100 > best * 103) ++S;
+  t_split = ceil_div(ceil_div(T, S), align) * align;
+  S = ceil_div(T, t_split);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 16 bytes of T -> V floats (exact), and an fp32 dot of V floats with 16 bytes of T, in element order
 template <typename T>
@@ -151,19 +176,47 @@ struct DotF {
 // ------------------------------------------------------------------------------------------------
 constexpr int kSpThreads = 256;
 constexpr int kSpEPT = 32;                     // entries per thread
+constexpr int kSpGroup = 4;                    // entries per unrolled step group (ILP across independent dots)
 constexpr int kSpRows = 2 * kSB * kTile;       // staged 16-byte rows: <= 2048 item rows + 2048 item cols
 constexpr size_t kSpSmem = kSpRows * 16;       // 64 KiB
-constexpr uint32_t kNoEntry = 0xffffffffu;
 static_assert(kSpThreads * kSpEPT == kEMax, "sparse CTA must hold exactly one work item");
+static_assert(kSpRows * 16 <= 65536, "staged byte offsets must fit 16 bits");
 
 __device__ __forceinline__ int64_t dceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename T>
-struct alignas(8) HalfVec {
-  T v[8 / sizeof(T)];
-};
-
 __device__ __forceinline__ int swz(int row) { return row ^ ((row >> 3) & 7); }
+
+// Transposing store of half a staging unit: in[tt] holds V features (16 bytes) of token tt (V/2 tokens);
+// staged row swz(drow + e), half h, receives feature e of those V/2 tokens (8 bytes).
+template <typename T>
+__device__ __forceinline__ void stage_transpose_half(const uint4 (&in)[16 / sizeof(T) / 2], uint4* s_rows, int drow,
+                                                     int h) {
+  constexpr int V = 16 / sizeof(T);
+  if constexpr (sizeof(T) == 2) {
+    // one byte permute per output word: (token 2m, token 2m+1) of feature e
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      uint32_t o[2];
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const uint4& a = in[2 * m];
+        const uint4& b = in[2 * m + 1];
+        const int w = e >> 1;
+        const uint32_t wa = w == 0 ? a.x : w == 1 ? a.y : w == 2 ? a.z : a.w;
+        const uint32_t wb = w == 0 ? b.x : w == 1 ? b.y : w == 2 ? b.z : b.w;
+        o[m] = __byte_perm(wa, wb, (e & 1) ? 0x7632 : 0x5410);
+      }
+      reinterpret_cast<uint2*>(&s_rows[swz(drow + e)])[h] = make_uint2(o[0], o[1]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const uint32_t w0 = e == 0 ? in[0].x : e == 1 ? in[0].y : e == 2 ? in[0].z : in[0].w;
+      const uint32_t w1 = e == 0 ? in[1].x : e == 1 ? in[1].y : e == 2 ? in[1].z : in[1].w;
+      reinterpret_cast<uint2*>(&s_rows[swz(drow + e)])[h] = make_uint2(w0, w1);
+    }
+  }
+}
 
 template <typename T, typename IdxT>
 __global__ void __launch_bounds__(kSpThreads, 2)
@@ -184,25 +237,26 @@ __global__ void __launch_bounds__(kSpThreads, 2)
   const int nrows_a = static_cast<int>(dceil(row0 + nrows, V) * V - row0a);
   const int ncols_a = static_cast<int>(dceil(col0 + ncols, V) * V - col0a);
 
-  // Thread t owns a contiguous run of the item's entries (row-major inside the item, `sperm`), so a run of
-  // entries in one row loads and converts that grad_output row once. off = (G slot | X slot << 16), both
-  // already swizzled.
+  // Step i of thread t is entry e_begin + i * kSpThreads + t of the item's row-major order (`sperm`): the 32
+  // lanes of a warp take 32 consecutive entries, so their grad_output loads mostly hit one or two staged rows
+  // (a shared-memory broadcast) and the loop has no data-dependent branch (every step loads both operands;
+  // the compiler interleaves the independent dots of a step group). off = byte offset of the grad_output
+  // row | byte offset of the input row << 16, both swizzled; an empty step points at row 0 and is dropped.
   const int n_e = static_cast<int>(e_end - e_begin);
-  const int run = (n_e + kSpThreads - 1) / kSpThreads;  // <= kSpEPT
-  const int64_t my0 = e_begin + static_cast<int64_t>(tid) * run;
+  const int n_steps = (n_e + kSpThreads - 1) / kSpThreads;  // <= kSpEPT, uniform in the CTA
   uint32_t off[kSpEPT];
   float acc[kSpEPT];
 #pragma unroll
   for (int i = 0; i < kSpEPT; ++i) {
-    const int64_t j = my0 + i;
+    const int64_t j = e_begin + static_cast<int64_t>(i) * kSpThreads + tid;
     acc[i] = 0.f;
-    off[i] = kNoEntry;
-    if (i < run && j < e_end) {
+    off[i] = 0u;
+    if (j < e_end) {
       const int64_t idx = static_cast<int64_t>(__ldg(indices + __ldg(perm + j)));
       const int64_t r = idx / n_in;
       const int64_t c = idx - r * n_in;
-      off[i] = static_cast<uint32_t>(swz(static_cast<int>(r - row0a))) |
-               (static_cast<uint32_t>(swz(static_cast<int>(nrows_a + (c - col0a)))) << 16);
+      off[i] = (static_cast<uint32_t>(swz(static_cast<int>(r - row0a))) << 4) |
+               (static_cast<uint32_t>(swz(static_cast<int>(nrows_a + (c - col0a)))) << 20);
     }
   }
 
@@ -210,6 +264,7 @@ __global__ void __launch_bounds__(kSpThreads, 2)
   const int units = units_g + ncols_a / V;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * t_split;
   const int64_t t_end = min(Tn, t_begin + t_split);
+  const unsigned char* s_bytes = reinterpret_cast<const unsigned char*>(s_rows);
   for (int64_t t0 = t_begin; t0 < t_end; t0 += V) {
     __syncthreads();  // previous chunk consumed
     for (int u = tid; u < units; u += kSpThreads) {
@@ -218,57 +273,54 @@ __global__ void __launch_bounds__(kSpThreads, 2)
       const int64_t ld = isg ? n_out : n_in;
       const int64_t col = isg ? row0a + static_cast<int64_t>(u) * V : col0a + static_cast<int64_t>(u - units_g) * V;
       const int drow = isg ? u * V : nrows_a + (u - units_g) * V;
-      // two halves of V/2 tokens (fewer live registers): 8-byte half rows
+      // two halves of V/2 tokens (fewer live registers next to the 64 of acc/off): 8-byte half rows. Whole
+      // in-range chunks (all but the split's last, with 16-byte aligned operands: every staged column is in
+      // range then) load without per-token branches, so the V/2 loads are in flight together.
+      const bool fast = vec && t0 + V <= t_end;
+      const T* p = src + t0 * ld + col;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        Vec16<T> in[V / 2];
+        uint4 in[V / 2];
+        if (fast) {
 #pragma unroll
-        for (int tt = 0; tt < V / 2; ++tt) {
-          const int64_t t = t0 + h * (V / 2) + tt;
-          if (vec) {
-            if (t < t_end && col < ld) {
-              const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src + t * ld + col));  // LDG.128
-              in[tt] = *reinterpret_cast<const Vec16<T>*>(&raw);
-            } else {
+          for (int tt = 0; tt < V / 2; ++tt) in[tt] = __ldg(reinterpret_cast<const uint4*>(p + (h * (V / 2) + tt) * ld));
+        } else {
 #pragma unroll
-              for (int e = 0; e < V; ++e) in[tt].v[e] = from_float<T>(0.f);
-            }
-          } else {
+          for (int tt = 0; tt < V / 2; ++tt) {
+            const int64_t t = t0 + h * (V / 2) + tt;
+            Vec16<T> v;
 #pragma unroll
-            for (int e = 0; e < V; ++e)
-              in[tt].v[e] = (t < t_end && col + e < ld) ? src[t * ld + col + e] : from_float<T>(0.f);
+            for (int e = 0; e < V; ++e) v.v[e] = (t < t_end && col + e < ld) ? src[t * ld + col + e] : from_float<T>(0.f);
+            in[tt] = *reinterpret_cast<const uint4*>(&v);
           }
         }
-#pragma unroll
-        for (int e = 0; e < V; ++e) {  // transpose: row e of the unit gets these V/2 tokens
-          HalfVec<T> o;
-#pragma unroll
-          for (int tt = 0; tt < V / 2; ++tt) o.v[tt] = in[tt].v[e];
-          reinterpret_cast<uint2*>(&s_rows[swz(drow + e)])[h] = *reinterpret_cast<const uint2*>(&o);
-        }
+        stage_transpose_half<T>(in, s_rows, drow, h);
       }
     }
     __syncthreads();
-    uint32_t prev = kNoEntry;
-    float gf[V];
+    // opaque per-chunk constants: decoding off[] must stay inside the loop (hoisted, the 64 decoded offsets
+    // would not fit next to the 64 registers of acc/off and spill)
+    uint32_t lo_mask, hi_shift;
+    asm volatile("mov.u32 %0, 0xffff;\n\tmov.u32 %1, 16;" : "=r"(lo_mask), "=r"(hi_shift));
 #pragma unroll
-    for (int e = 0; e < V; ++e) gf[e] = 0.f;
+    for (int q = 0; q < kSpEPT / kSpGroup; ++q) {
+      if (q * kSpGroup < n_steps) {
 #pragma unroll
-    for (int i = 0; i < kSpEPT; ++i) {
-      if (off[i] != kNoEntry) {
-        const uint32_t gs = off[i] & 0xffffu;
-        if (gs != prev) {  // a new grad_output row: one shared load + conversion for the whole row run
-          Unpack16<T>::run(s_rows[gs], gf);
-          prev = gs;
+        for (int s = 0; s < kSpGroup; ++s) {
+          const int i = q * kSpGroup + s;
+          const uint4 gv = *reinterpret_cast<const uint4*>(s_bytes + (off[i] & lo_mask));
+          const uint4 xv = *reinterpret_cast<const uint4*>(s_bytes + (off[i] >> hi_shift));
+          float gf[V];
+          Unpack16<T>::run(gv, gf);
+          acc[i] = DotF<T>::run(gf, xv, acc[i]);
         }
-        acc[i] = DotF<T>::run(gf, s_rows[off[i] >> 16], acc[i]);
       }
     }
   }
 #pragma unroll
   for (int i = 0; i < kSpEPT; ++i) {
-    if (off[i] != kNoEntry) {
-      const int64_t j = my0 + i;
+    const int64_t j = e_begin + static_cast<int64_t>(i) * kSpThreads + tid;
+    if (j < e_end) {
       if (direct) {
         dst[__ldg(perm + j)] = acc[i];
       } else {
@@ -476,8 +528,7 @@ void run_sparse(const at::Tensor& G, const at::Tensor& X, const at::Tensor& indi
   const int64_t T = G.size(0), k = indices.numel();
   const int64_t V = 16 / G.element_size();
   int64_t S, t_split;
-  const int64_t w_est = ceil_div(k, kEMax);
-  choose_splits(T, w_est, 2 * num_sms(G.get_device()), V, S, t_split);
+  choose_sparse_splits(T, k, pv.L, 2 * num_sms(G.get_device()), V, S, t_split);
   at::Tensor part;
   if (S > 1) part = at::empty({S * k}, G.options().dtype(at::kFloat));
   float* dst = S > 1 ? part.data_ptr<float>() : out.data_ptr<float>();

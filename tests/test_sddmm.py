@@ -277,29 +277,39 @@ def test_plan_code_and_overrides():
 
 
 def test_cost_model_picks():
-    """The fitted model reproduces the H100 measurements (benchmarks/NOTES.md, session 3): at 4096x4096 and
-    0.1% random cuBLAS + gather (0.35 ms) beats the CUDA sparse kernel (0.40 ms: its ~0.2 ms fixed cost dominates
-    16.8k entries) and the Triton one (0.69 ms); at 11008x4096 and 0.1% the CUDA sparse kernel wins (0.67 vs
-    0.96-0.99 ms) and Triton's still loses (1.93 ms); dense at 2.4% random; a compacted dense strategy for the
-    concentrated mask."""
+    """The fitted model reproduces the H100 measurements (benchmarks/NOTES.md, session 8; span sums of the
+    plans of those masks): the CUDA sparse kernel wins at 0.1% (4096x4096: 0.12 vs 0.36 ms cuBLAS + gather;
+    11008x4096: 0.25 vs 0.97) and at 0.5% (0.30 vs 0.35; 0.77 vs 0.96), dense wins at 1% and 2.4% random; the
+    Triton sparse kernel never wins at T = 8192 (0.69 ms at 4096^2 0.1%, 1.93 at 11008x4096); a compacted dense
+    strategy takes the concentrated mask."""
     from spiel.ops.backends import sddmm_plan as P
 
-    n = 4096
-    for backend in ("cuda", "triton"):
-        k = n * n // 1000
-        st = {"n_tiles": 1024, "n_items": 3, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 3 * 3000}
-        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) == "dense_blas"
-        out = 11008
-        k = out * n // 1000
-        st = {"n_tiles": 2752, "n_items": 12, "nR": 10835, "nC": n, "n_ctiles": 2752, "span_sum": 12 * 3000}
-        want = {"cuda": "sparse", "triton": "dense_blas"}[backend]
-        assert P.choose_strategy(8192, out, n, k, stats=st, backend=backend) == want
-        k = n * n * 24 // 1000
-        st = {"n_tiles": 1024, "n_items": 50, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 50 * 2300}
-        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) != "sparse"
-        k = n * n // 100
-        st = {"n_tiles": 1024, "n_items": 21, "nR": 410, "nC": 410, "n_ctiles": 16, "span_sum": 21 * 4096}
-        assert P.choose_strategy(8192, n, n, k, stats=st, backend=backend) != "sparse"
+    n, out = 4096, 11008
+    cases = [  # (out, k, stats, cuda's pick, triton's pick); "!sparse" = a dense strategy
+        (n, n * n // 1000, {"n_tiles": 1024, "n_items": 4, "nR": 4018, "nC": 4038, "n_ctiles": 1024,
+                            "span_sum": 16384}, "sparse", "dense_blas"),
+        (n, n * n // 200, {"n_tiles": 1024, "n_items": 12, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 33788},
+         "sparse", "dense_blas"),
+        (out, out * n // 1000, {"n_tiles": 2752, "n_items": 12, "nR": 10835, "nC": n, "n_ctiles": 2752,
+                                "span_sum": 46580}, "sparse", "dense_blas"),
+        (out, out * n // 200, {"n_tiles": 2752, "n_items": 32, "nR": out, "nC": n, "n_ctiles": 2752,
+                               "span_sum": 90106}, "sparse", "dense_blas"),
+        (n, n * n // 100, {"n_tiles": 1024, "n_items": 24, "nR": n, "nC": n, "n_ctiles": 1024, "span_sum": 55032},
+         "dense_blas", "dense_blas"),
+        (out, out * n // 100, {"n_tiles": 2752, "n_items": 64, "nR": out, "nC": n, "n_ctiles": 2752,
+                               "span_sum": 147817}, "dense_blas", "dense_blas"),
+        (n, n * n * 24 // 1000, {"n_tiles": 1024, "n_items": 52, "nR": n, "nC": n, "n_ctiles": 1024,
+                                 "span_sum": 115551}, "dense_blas", "dense_blas"),
+        (n, n * n // 100, {"n_tiles": 1024, "n_items": 22, "nR": 410, "nC": 410, "n_ctiles": 16,
+                           "span_sum": 54692}, "!sparse", "!sparse"),
+    ]
+    for rows, k, st, want_cuda, want_triton in cases:
+        for backend, want in (("cuda", want_cuda), ("triton", want_triton)):
+            got = P.choose_strategy(8192, rows, n, k, stats=st, backend=backend)
+            if want.startswith("!"):
+                assert got != want[1:], (rows, k, backend, got)
+            else:
+                assert got == want, (rows, k, backend, got)
 
 
 # ---- the Triton kernels, in a child process under the interpreter -----------------------------------------

@@ -158,17 +158,17 @@ def with_strategy(plan: torch.Tensor, k: int, out_features: int, in_features: in
 # cost model
 # ---------------------------------------------------------------------------------------------------------
 # Rates on one H100 SXM (bf16 inputs), fitted from `python benchmarks/bench_sddmm.py` on the H100
-# (2026-11-23 runs, see benchmarks/NOTES.md; the first-principles seeds overestimated the sparse loops
-# 4-6x). The CUDA sparse loop's time is ~0.21 ms + T*k / 8.7e11 over the five random-mask points of the
-# session-3 run (a fixed cost of its partial-sum reduction and launch tail that the rate alone missed: at
-# 4096^2 and 0.1% it predicted 0.18 ms for a measured 0.40 and picked it over a 0.35 ms dense_blas).
+# (2026-11-23 runs and, for the CUDA sparse loop, session 8's rewrite; see benchmarks/NOTES.md). The CUDA
+# sparse loop stages each chunk of tokens and then computes it between barriers, so its time is
+# fixed + staged bytes / stage rate + entry-tokens / eps (session 8 fit over 15 points, worst error 8%).
 # Recalibrate from that script's output on other GPUs (SPIEL_SDDMM_COST).
 COST = {
     "launch_s": 5e-6,             # fixed cost of one strategy (launches, plan reads, reduce)
     "hbm_Bps": 2.8e12,            # streaming read bandwidth
     "l2_Bps": 6.0e12,             # L2 -> SM bandwidth for staged re-reads
-    "sparse_cuda_eps": 8.7e11,    # entry-tokens / s of the CUDA sparse inner loop (smem 16-B vectors)
-    "sparse_cuda_fixed_s": 2.1e-4,  # fixed cost of the CUDA sparse strategy (partial reduce, tail)
+    "sparse_cuda_eps": 4.68e12,   # entry-tokens / s of the CUDA sparse inner loop (smem 16-B vectors)
+    "sparse_cuda_stage_Bps": 5.1e12,  # staged operand bytes / s of the CUDA sparse loop (L2 -> smem, transposed)
+    "sparse_cuda_fixed_s": 2.5e-5,  # fixed cost of the CUDA sparse strategy (partial reduce, tail)
     "sparse_triton_eps": 2.2e11,  # entry-tokens / s of the Triton sparse loop (L1-bound gathers)
     "tile_triton_flops": 498e12,  # tl.dot tiles incl. extraction
     "tile_cuda_flops": 152e12,    # WMMA (mma.sync) tiles incl. extraction
@@ -205,15 +205,15 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
     res = {}
     # sparse
     if backend == "cuda":
-        staged = T * float(stats["span_sum"]) * _ELEM / c["l2_Bps"]
+        # each chunk of tokens is staged, then computed, between two CTA barriers: the terms add
+        staged = T * float(stats["span_sum"]) * _ELEM / c["sparse_cuda_stage_Bps"]
         comp = T * k / c["sparse_cuda_eps"]
+        res["sparse"] = c["launch_s"] + c["sparse_cuda_fixed_s"] + max(floor_read, staged + comp)
     else:
         # each program of 128 entries reads ~ (1 G line + 2..4 X lines) per token: ~6 B per entry-token
         staged = T * k * 6.0 / c["l2_Bps"]
         comp = T * k / c["sparse_triton_eps"]
-    res["sparse"] = c["launch_s"] + max(floor_read, staged, comp) + 0.3 * min(staged, comp)
-    if backend == "cuda":
-        res["sparse"] += c["sparse_cuda_fixed_s"]
+        res["sparse"] = c["launch_s"] + max(floor_read, staged, comp) + 0.3 * min(staged, comp)
     # compaction (shared by both dense strategies)
     gather = 0.0
     rows = cap(out_features, level_r) if level_r else out_features
