@@ -5,22 +5,23 @@
 // make_layout below). The plan's length carries the strategy chosen for this backend at build time and the
 // compaction levels, so the host launches without reading device memory (no sync).
 //
-// sparse      CTA (item w, T split s). An item is <= kEMax entries of one 2048 x 2048 superblock, sorted by
-//             (tile, row, col). Per chunk of V = 16 B / sizeof(T) tokens the CTA stages
+// sparse      CTA of 512 threads (item w, T split s). An item is <= kEMax entries of one 2048 x 2048
+//             superblock, sorted by (tile, row, col). Per chunk of V = 16 B / sizeof(T) tokens the CTA stages
 //             grad_output[t-chunk, item rows] and input[t-chunk, item cols] *transposed* into shared memory:
 //             one 16-byte row per output row / input column holding its V tokens (loads are coalesced
-//             16-byte vectors along the feature axis, transposed in registers). Step i of
-//             thread t is entry i * 256 + t of the item's row-major order (plan section `sperm`): a warp's 32
-//             lanes take 32 consecutive entries (their grad_output rows mostly coincide: a shared-memory
-//             broadcast), every step loads both 16-byte rows with no data-dependent branch, and fp32
-//             accumulators stay in registers. Rows are XOR-swizzled in 16-byte units so the transposing
-//             stores are conflict-free.
+//             16-byte vectors along the feature axis, transposed in registers with byte permutes). The
+//             staging is software-pipelined: the next chunk's loads are in flight in registers while the
+//             current chunk is computed. Step i of thread t is entry i * 512 + t of the item's row-major
+//             order (plan section `sperm`): a warp's 32 lanes take 32 consecutive entries (their grad_output
+//             rows mostly coincide: a shared-memory broadcast), every step loads both 16-byte rows with no
+//             data-dependent branch, and the fp32 accumulators stay in registers. Rows are XOR-swizzled in
+//             16-byte units so the transposing stores are conflict-free.
 // dense_tile  CTA (non-empty 128 x 128 tile, T split): C = A[t, rows]^T @ B[t, cols] with WMMA (bf16/fp16
 //             mma.sync, fp32 accumulators), 4-stage cp.async pipeline over T, the tile stored to shared
 //             memory, and only the tile's requested entries read back. A/B are grad_output/input or their
 //             compacted copies (only the distinct rows/cols used; at::index_select).
-// dense_blas  cuBLAS (at::mm with fp32 output) over row bands of the (compacted) operands into a bounded
-//             fp32 band buffer, then a gather of the band's entries.
+// dense_blas  cuBLAS (at::mm with fp32 output) over row bands (column bands when in > out) of the
+//             (compacted) operands into a bounded fp32 band buffer, then a gather of the band's entries.
 // When T is split, partial sums go to part[s, position] and a reduce kernel sums them in increasing s:
 // deterministic (bit-identical across runs). fp32 inputs always take the sparse strategy (exact fp32
 // products; the tensor-core paths would round operands to TF32).
@@ -174,9 +175,9 @@ struct DotF {
 // ------------------------------------------------------------------------------------------------
 // sparse strategy
 // ------------------------------------------------------------------------------------------------
-constexpr int kSpThreads = 256;
-constexpr int kSpEPT = 32;                     // entries per thread
-constexpr int kSpGroup = 4;                    // entries per unrolled step group (ILP across independent dots)
+constexpr int kSpThreads = 512;
+constexpr int kSpEPT = 16;                     // entries per thread
+constexpr int kSpGroup = 2;                    // entries per unrolled step group (ILP across independent dots)
 constexpr int kSpRows = 2 * kSB * kTile;       // staged 16-byte rows: <= 2048 item rows + 2048 item cols
 constexpr size_t kSpSmem = kSpRows * 16;       // 64 KiB
 static_assert(kSpThreads * kSpEPT == kEMax, "sparse CTA must hold exactly one work item");
@@ -186,45 +187,42 @@ __device__ __forceinline__ int64_t dceil(int64_t a, int64_t b) { return (a + b -
 
 __device__ __forceinline__ int swz(int row) { return row ^ ((row >> 3) & 7); }
 
-// Transposing store of half a staging unit: in[tt] holds V features (16 bytes) of token tt (V/2 tokens);
-// staged row swz(drow + e), half h, receives feature e of those V/2 tokens (8 bytes).
 template <typename T>
-__device__ __forceinline__ void stage_transpose_half(const uint4 (&in)[16 / sizeof(T) / 2], uint4* s_rows, int drow,
-                                                     int h) {
+__device__ __forceinline__ uint32_t word(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+// Transposing store of one staging unit: in[tt] holds V features (16 bytes) of token tt; staged row
+// swz(drow + e) receives feature e of the V tokens (16 bytes). 16-bit types: one byte permute per output
+// word. Rows of 8 consecutive units' threads fall in 8 distinct swizzle classes: conflict-free 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void stage_transpose(const uint4* in, uint4* s_rows, int drow) {
   constexpr int V = 16 / sizeof(T);
-  if constexpr (sizeof(T) == 2) {
-    // one byte permute per output word: (token 2m, token 2m+1) of feature e
 #pragma unroll
-    for (int e = 0; e < V; ++e) {
-      uint32_t o[2];
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        const uint4& a = in[2 * m];
-        const uint4& b = in[2 * m + 1];
-        const int w = e >> 1;
-        const uint32_t wa = w == 0 ? a.x : w == 1 ? a.y : w == 2 ? a.z : a.w;
-        const uint32_t wb = w == 0 ? b.x : w == 1 ? b.y : w == 2 ? b.z : b.w;
-        o[m] = __byte_perm(wa, wb, (e & 1) ? 0x7632 : 0x5410);
-      }
-      reinterpret_cast<uint2*>(&s_rows[swz(drow + e)])[h] = make_uint2(o[0], o[1]);
+  for (int e = 0; e < V; ++e) {
+    uint4 o;
+    if constexpr (sizeof(T) == 2) {
+      const int w = e >> 1;
+      const uint32_t sel = (e & 1) ? 0x7632 : 0x5410;  // (token 2m, token 2m + 1) of feature e
+      o.x = __byte_perm(word<T>(in[0], w), word<T>(in[1], w), sel);
+      o.y = __byte_perm(word<T>(in[2], w), word<T>(in[3], w), sel);
+      o.z = __byte_perm(word<T>(in[4], w), word<T>(in[5], w), sel);
+      o.w = __byte_perm(word<T>(in[6], w), word<T>(in[7], w), sel);
+    } else {
+      o = make_uint4(word<T>(in[0], e), word<T>(in[1], e), word<T>(in[2], e), word<T>(in[3], e));
     }
-  } else {
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const uint32_t w0 = e == 0 ? in[0].x : e == 1 ? in[0].y : e == 2 ? in[0].z : in[0].w;
-      const uint32_t w1 = e == 0 ? in[1].x : e == 1 ? in[1].y : e == 2 ? in[1].z : in[1].w;
-      reinterpret_cast<uint2*>(&s_rows[swz(drow + e)])[h] = make_uint2(w0, w1);
-    }
+    s_rows[swz(drow + e)] = o;
   }
 }
 
 template <typename T, typename IdxT>
-__global__ void __launch_bounds__(kSpThreads, 2)
+__global__ void __launch_bounds__(kSpThreads, 1)
     sddmm_sparse_kernel(const T* __restrict__ G, const T* __restrict__ X, const IdxT* __restrict__ indices,
                         const int* __restrict__ header, const int* __restrict__ perm,
                         const int* __restrict__ items, int64_t Tn, int64_t n_out, int64_t n_in, int64_t k,
                         int64_t t_split, float* __restrict__ dst, bool direct, bool vec) {
-  constexpr int V = Vec16<T>::N;  // tokens per staged chunk (8 for 16-bit types, 4 for fp32)
+  constexpr int V = Vec16<T>::N;                       // tokens per staged chunk (8 for 16-bit, 4 for fp32)
+  constexpr int kUnits = kSpRows / V / kSpThreads;     // staging units per thread (1 for 16-bit, 2 for fp32)
   extern __shared__ uint4 s_rows[];
   const int w = blockIdx.x;
   if (w >= __ldg(header + H_NITEMS)) return;
@@ -265,41 +263,48 @@ __global__ void __launch_bounds__(kSpThreads, 2)
   const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * t_split;
   const int64_t t_end = min(Tn, t_begin + t_split);
   const unsigned char* s_bytes = reinterpret_cast<const unsigned char*>(s_rows);
-  for (int64_t t0 = t_begin; t0 < t_end; t0 += V) {
-    __syncthreads();  // previous chunk consumed
-    for (int u = tid; u < units; u += kSpThreads) {
+
+  // Software pipeline: the next chunk's global loads (V tokens x 16 bytes per unit, held in registers) are
+  // issued before the current chunk's dot products and stored to shared memory after them, so their latency
+  // hides behind the compute. A unit is V consecutive features (16 bytes) of grad_output or input.
+  uint4 raw[kUnits * V];
+  auto load_chunk = [&](int64_t t0) {
+#pragma unroll
+    for (int m = 0; m < kUnits; ++m) {
+      const int u = tid + m * kSpThreads;
+      if (u >= units) continue;
       const bool isg = u < units_g;
       const T* src = isg ? G : X;
       const int64_t ld = isg ? n_out : n_in;
       const int64_t col = isg ? row0a + static_cast<int64_t>(u) * V : col0a + static_cast<int64_t>(u - units_g) * V;
-      const int drow = isg ? u * V : nrows_a + (u - units_g) * V;
-      // two halves of V/2 tokens (fewer live registers next to the 64 of acc/off): 8-byte half rows. Whole
-      // in-range chunks (all but the split's last, with 16-byte aligned operands: every staged column is in
-      // range then) load without per-token branches, so the V/2 loads are in flight together.
-      const bool fast = vec && t0 + V <= t_end;
-      const T* p = src + t0 * ld + col;
+      if (vec && t0 + V <= t_end) {  // whole in-range chunk, 16-byte aligned operands: no per-token branch
+        const T* p = src + t0 * ld + col;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint4 in[V / 2];
-        if (fast) {
+        for (int tt = 0; tt < V; ++tt) raw[m * V + tt] = __ldg(reinterpret_cast<const uint4*>(p + tt * ld));
+      } else {
 #pragma unroll
-          for (int tt = 0; tt < V / 2; ++tt) in[tt] = __ldg(reinterpret_cast<const uint4*>(p + (h * (V / 2) + tt) * ld));
-        } else {
+        for (int tt = 0; tt < V; ++tt) {
+          const int64_t t = t0 + tt;
+          Vec16<T> v;
 #pragma unroll
-          for (int tt = 0; tt < V / 2; ++tt) {
-            const int64_t t = t0 + h * (V / 2) + tt;
-            Vec16<T> v;
-#pragma unroll
-            for (int e = 0; e < V; ++e) v.v[e] = (t < t_end && col + e < ld) ? src[t * ld + col + e] : from_float<T>(0.f);
-            in[tt] = *reinterpret_cast<const uint4*>(&v);
-          }
+          for (int e = 0; e < V; ++e) v.v[e] = (t < t_end && col + e < ld) ? src[t * ld + col + e] : from_float<T>(0.f);
+          raw[m * V + tt] = *reinterpret_cast<const uint4*>(&v);
         }
-        stage_transpose_half<T>(in, s_rows, drow, h);
       }
     }
+  };
+  if (t_begin < t_end) load_chunk(t_begin);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += V) {
+    __syncthreads();  // previous chunk consumed
+#pragma unroll
+    for (int m = 0; m < kUnits; ++m) {
+      const int u = tid + m * kSpThreads;
+      if (u < units) stage_transpose<T>(raw + m * V, s_rows, u < units_g ? u * V : nrows_a + (u - units_g) * V);
+    }
     __syncthreads();
-    // opaque per-chunk constants: decoding off[] must stay inside the loop (hoisted, the 64 decoded offsets
-    // would not fit next to the 64 registers of acc/off and spill)
+    if (t0 + V < t_end) load_chunk(t0 + V);
+    // opaque per-chunk constants: decoding off[] must stay inside the loop (hoisted, the decoded offsets
+    // would not fit next to acc/off and the prefetched chunk, and spill)
     uint32_t lo_mask, hi_shift;
     asm volatile("mov.u32 %0, 0xffff;\n\tmov.u32 %1, 16;" : "=r"(lo_mask), "=r"(hi_shift));
 #pragma unroll
@@ -494,7 +499,8 @@ template <typename IdxT>
 __global__ void sddmm_band_gather_kernel(const float* __restrict__ band, const IdxT* __restrict__ indices,
                                          const int* __restrict__ rowmap, const int* __restrict__ colmap,
                                          bool use_rmap, bool use_cmap, float* __restrict__ out, int64_t k,
-                                         int64_t n_in, int64_t r0, int64_t rows, int64_t ldb) {
+                                         int64_t n_in, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+  // band = [rows x cols] block at (r0, c0) of the (compacted) gradient, row pitch cols
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= k) return;
   const int64_t idx = static_cast<int64_t>(__ldg(indices + j));
@@ -502,7 +508,7 @@ __global__ void sddmm_band_gather_kernel(const float* __restrict__ band, const I
   int64_t c = idx - r * n_in;
   if (use_rmap) r = __ldg(rowmap + r);
   if (use_cmap) c = __ldg(colmap + c);
-  if (r >= r0 && r < r0 + rows) out[j] = __ldg(band + (r - r0) * ldb + c);
+  if (r >= r0 && r < r0 + rows && c >= c0 && c < c0 + cols) out[j] = __ldg(band + (r - r0) * cols + (c - c0));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -528,7 +534,7 @@ void run_sparse(const at::Tensor& G, const at::Tensor& X, const at::Tensor& indi
   const int64_t T = G.size(0), k = indices.numel();
   const int64_t V = 16 / G.element_size();
   int64_t S, t_split;
-  choose_sparse_splits(T, k, pv.L, 2 * num_sms(G.get_device()), V, S, t_split);
+  choose_sparse_splits(T, k, pv.L, num_sms(G.get_device()), V, S, t_split);  // one CTA per SM
   at::Tensor part;
   if (S > 1) part = at::empty({S * k}, G.options().dtype(at::kFloat));
   float* dst = S > 1 ? part.data_ptr<float>() : out.data_ptr<float>();
@@ -629,20 +635,26 @@ void run_dense_blas(const at::Tensor& G, const at::Tensor& X, const at::Tensor& 
   bool ur, uc;
   std::tie(A, B, ur, uc) = dense_operands(G, X, plan, pv, n_out, n_in);
   const int64_t rows = A.size(1), cols = B.size(1);
-  int64_t R = std::max<int64_t>(kTile, (kBandBytes / std::max<int64_t>(4 * cols, 1)) / kTile * kTile);
-  R = std::min<int64_t>(R, std::max<int64_t>(rows, 1));
+  // row bands of <= kBandBytes fp32, or column bands when cols > rows (sddmm_plan.bands: keep in sync)
+  const bool by_cols = cols > rows;
+  const int64_t along = by_cols ? cols : rows, across = by_cols ? rows : cols;
+  int64_t R = std::max<int64_t>(kTile, (kBandBytes / std::max<int64_t>(4 * across, 1)) / kTile * kTile);
+  R = std::min<int64_t>(R, std::max<int64_t>(along, 1));
   const int* rowmap = pv ? pv->at(pv->L.rowmap) : nullptr;
   const int* colmap = pv ? pv->at(pv->L.colmap) : nullptr;
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const int64_t rr = std::min(R, rows - r0);
-    at::Tensor band = G.scalar_type() == at::kFloat ? at::mm(A.narrow(1, r0, rr).t(), B)
-                                                     : at::mm(A.narrow(1, r0, rr).t(), B, at::kFloat);
+  for (int64_t b0 = 0; b0 < along; b0 += R) {
+    const int64_t bb = std::min(R, along - b0);
+    const int64_t r0 = by_cols ? 0 : b0, rr = by_cols ? rows : bb;
+    const int64_t c0 = by_cols ? b0 : 0, cc = by_cols ? bb : cols;
+    const at::Tensor a = A.narrow(1, r0, rr).t();
+    const at::Tensor b = B.narrow(1, c0, cc);
+    at::Tensor band = G.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
     band = band.contiguous();
     SPIEL_DISPATCH_INDEX(indices.scalar_type(), I_, "sddmm indices", [&] {
       const int threads = 256;
       sddmm_band_gather_kernel<I_><<<static_cast<unsigned>(ceil_div(k, threads)), threads, 0, stream>>>(
           band.data_ptr<float>(), indices.data_ptr<I_>(), rowmap, colmap, ur, uc, out.data_ptr<float>(), k, n_in,
-          r0, rr, cols);
+          r0, rr, c0, cc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

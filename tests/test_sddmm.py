@@ -233,7 +233,19 @@ def test_plan_invariants(case):
         rr, cc = e // in_f, e % in_f
         assert rr.min() == r0 and rr.max() == r0 + nr - 1 and cc.min() == c0 and cc.max() == c0 + nc - 1
         sp = idx[s["sperm"].long()[b:e_]]
-        assert torch.equal(sp, e.sort().values)  # same entries, row-major inside the item
+        rm = e.sort().values  # row-major inside the item, then permuted within each 32-entry warp step
+        assert torch.equal(sp.sort().values, rm)
+        r0a, c0a = r0 // 8 * 8, c0 // 8 * 8
+        nra = (r0 + nr + 7) // 8 * 8 - r0a
+        for g0 in range(0, e_ - b, 32):
+            step = sp[g0:g0 + 32]
+            assert torch.equal(step.sort().values, rm[g0:g0 + 32])
+            if step.numel() == 32:  # bank classes of the input rows spread evenly over the quarter-warps
+                xr = nra + step % in_f - c0a
+                cls = (xr ^ (xr >> 3)) & 7
+                for q in range(8):
+                    quarters = torch.bincount(torch.arange(32)[cls == q] // 8, minlength=4)
+                    assert int(quarters.max()) == -(-int((cls == q).sum()) // 4)
         assert r0 // (P.SB * P.TILE) == (r0 + nr - 1) // (P.SB * P.TILE)
         assert c0 // (P.SB * P.TILE) == (c0 + nc - 1) // (P.SB * P.TILE)
     assert covered == k
@@ -274,6 +286,27 @@ def test_plan_code_and_overrides():
     for code in range(P.N_CODES):
         d = P.decode(code)
         assert P.encode(d["level_r"], d["level_c"], d["triton"], d["cuda"]) == code
+
+
+def test_dense_blas_bands_cover_the_gradient():
+    """sddmm_plan.bands tiles [rows, cols] exactly once: row bands, or column bands when cols > rows, each at
+    most BAND_BYTES of fp32 (one band when the whole gradient fits)."""
+    from spiel.ops.backends import sddmm_plan as P
+
+    for rows, cols in [(4096, 4096), (11008, 4096), (4096, 11008), (300, 70000), (70000, 300), (1, 1), (5, 3)]:
+        bs = P.bands(rows, cols)
+        cover = torch.zeros(rows, cols, dtype=torch.int32) if rows * cols < 2**25 else None
+        for r0, rr, c0, cc in bs:
+            assert rr * cc * 4 <= max(P.BAND_BYTES, P.TILE * max(rows, cols) * 4)
+            assert (cc == cols) if cols <= rows else (rr == rows)
+            if cover is not None:
+                cover[r0:r0 + rr, c0:c0 + cc] += 1
+        assert sum(rr * cc for _, rr, _, cc in bs) == rows * cols
+        if cover is not None:
+            assert bool((cover == 1).all())
+    assert len(P.bands(4096, 11008)) == 3 and P.bands(4096, 11008)[0] == (0, 4096, 0, 4096)
+    assert len(P.bands(11008, 4096)) == 3 and P.bands(11008, 4096)[0] == (0, 4096, 0, 4096)
+    assert P.bands(4096, 4096) == [(0, 4096, 0, 4096)]
 
 
 def test_cost_model_picks():

@@ -109,3 +109,20 @@ def test_plan_on_gpu_matches_cpu():
     a = P.build_plan(idx, 2100, 4200)
     b = P.build_plan(idx.to(DEV), 2100, 4200)
     assert torch.equal(a, b.cpu())
+
+
+BAND_CASES = [  # several 64 MiB fp32 bands: column bands (in > out) and row bands (out > in)
+    (16, 300, 70000, 6000, "random"),
+    (16, 70000, 300, 6000, "random"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_dense_blas_bands(backend):
+    """dense_blas over more than one band, both orientations (sddmm_plan.bands), against float64."""
+    assert len(P.bands(300, 70000)) == 2 and P.bands(300, 70000)[0][1] == 300
+    assert len(P.bands(70000, 300)) == 2 and P.bands(70000, 300)[0][3] == 300
+    if backend == "cuda" and not _cuda_available():
+        pytest.skip("spiel._C not built")
+    kernel = _triton_kernel("dense_blas") if backend == "triton" else _cuda_kernel("dense_blas")
+    check_kernel(kernel, DEV, cases=BAND_CASES, pairs=[(torch.bfloat16, torch.int32), (torch.float32, torch.int64)])

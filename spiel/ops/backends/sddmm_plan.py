@@ -24,7 +24,8 @@ Plan layout: a 1-D int32 tensor, sections at offsets computed from (k, out, in) 
     header [HDR]                 MAGIC, k, out, in, n_tiles, n_items, nR, nC, n_ctiles, level_r, level_c,
                                  span_sum, ...
     perm [k]                     entry positions sorted by (superblock, tile in superblock, row, col)
-    sperm [k]                    the same, re-sorted row-major inside each sparse work item (CUDA sparse)
+    sperm [k]                    the same, row-major inside each sparse work item, each warp step's 32
+                                 entries spread over bank classes (CUDA sparse)
     tile_list [NT]               tile ids (tr * ntc + tc) of the non-empty tiles in that order
     tile_ptr [NT + 1]            entry offsets (into perm order) of each listed tile; padded with k
     tile_slot [NT]               tile id -> position in tile_list, or -1 (empty)
@@ -160,15 +161,15 @@ def with_strategy(plan: torch.Tensor, k: int, out_features: int, in_features: in
 # Rates on one H100 SXM (bf16 inputs), fitted from `python benchmarks/bench_sddmm.py` on the H100
 # (2026-11-23 runs and, for the CUDA sparse loop, session 8's rewrite; see benchmarks/NOTES.md). The CUDA
 # sparse loop stages each chunk of tokens and then computes it between barriers, so its time is
-# fixed + staged bytes / stage rate + entry-tokens / eps (session 8 fit over 15 points, worst error 8%).
+# fixed + staged bytes / stage rate + entry-tokens / eps (session 8 fit over 15 points, worst error 10%).
 # Recalibrate from that script's output on other GPUs (SPIEL_SDDMM_COST).
 COST = {
     "launch_s": 5e-6,             # fixed cost of one strategy (launches, plan reads, reduce)
     "hbm_Bps": 2.8e12,            # streaming read bandwidth
     "l2_Bps": 6.0e12,             # L2 -> SM bandwidth for staged re-reads
     "sparse_cuda_eps": 4.68e12,   # entry-tokens / s of the CUDA sparse inner loop (smem 16-B vectors)
-    "sparse_cuda_stage_Bps": 5.1e12,  # staged operand bytes / s of the CUDA sparse loop (L2 -> smem, transposed)
-    "sparse_cuda_fixed_s": 2.5e-5,  # fixed cost of the CUDA sparse strategy (partial reduce, tail)
+    "sparse_cuda_stage_Bps": 5.7e12,  # staged operand bytes / s of the CUDA sparse loop (L2 -> smem, transposed)
+    "sparse_cuda_fixed_s": 1.0e-5,  # fixed cost of the CUDA sparse strategy (partial reduce, tail)
     "sparse_triton_eps": 2.2e11,  # entry-tokens / s of the Triton sparse loop (L1-bound gathers)
     "tile_triton_flops": 498e12,  # tl.dot tiles incl. extraction
     "tile_cuda_flops": 152e12,    # WMMA (mma.sync) tiles incl. extraction
@@ -230,7 +231,7 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
     res["dense_tile"] = c["launch_s"] + gather + max(tile_flops / rate, operand_read) + extract
     # blas over all (compacted) rows x cols; the fp32 band buffer is small enough to stay in L2
     blas_flops = 2.0 * T * rows * cols
-    n_bands = max(1, math.ceil(rows / band_rows(rows, cols)))
+    n_bands = len(bands(rows, cols))
     res["dense_blas"] = (c["launch_s"] * (1 + 0.2 * n_bands) + gather + max(blas_flops / c["blas_flops"], operand_read)
                          + extract)
     return res
@@ -247,6 +248,17 @@ def band_rows(rows: int, cols: int) -> int:
     """Rows per band of the dense_blas strategy (a multiple of TILE, at least TILE)."""
     r = max(TILE, (BAND_BYTES // max(4 * cols, 1)) // TILE * TILE)
     return min(r, max(rows, 1))
+
+
+def bands(rows: int, cols: int) -> List[Tuple[int, int, int, int]]:
+    """The dense_blas bands ``(r0, n_rows, c0, n_cols)`` of a [rows, cols] gradient: row bands, or column
+    bands when cols > rows, so a 4096 x 11008 layer runs three 4096 x 4096 GEMMs like an 11008 x 4096 one
+    (its 1408-row bands ran 10-15% slower than one bf16 GEMM of the same FLOPs on the H100)."""
+    if cols > rows:
+        n = band_rows(cols, rows)
+        return [(0, rows, c0, min(n, cols - c0)) for c0 in range(0, max(cols, 1), n)]
+    n = band_rows(rows, cols)
+    return [(r0, min(n, rows - r0), 0, cols) for r0 in range(0, max(rows, 1), n)]
 
 
 def choose_levels(out_features: int, in_features: int, n_rows: int, n_cols: int) -> Tuple[int, int]:
@@ -403,6 +415,33 @@ def _used(idx: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.
     return lst, rank.clamp(min=0), count
 
 
+def _balance_steps(sperm: torch.Tensor, cols: torch.Tensor, item: torch.Tensor, e_begin: torch.Tensor,
+                   e_end: torch.Tensor, rmin: torch.Tensor, nrows: torch.Tensor, cmin: torch.Tensor) -> torch.Tensor:
+    """Permute each full warp step of the CUDA sparse kernel (32 consecutive positions from its item's start)
+    so its input rows spread over the 4 quarter-warps by shared-memory bank class: a 16-byte shared load is
+    served per quarter-warp, one wavefront per distinct 16-byte bank group (8 classes: the staged row's
+    swizzle, csrc/sddmm.cu ``swz``, for 16-bit operands). Sorted by class, rank r goes to lane
+    (r % 4) * 8 + r // 4, so a class with <= 4 entries lands in 4 different quarters (random classes: ~25%
+    fewer wavefronts for the input loads). Any order is correct: the kernel writes position j's result to
+    ``sperm[j]``."""
+    k = sperm.numel()
+    pos = torch.arange(k, device=sperm.device)
+    row0a = (rmin // 8 * 8)[item]
+    col0a = (cmin // 8 * 8)[item]
+    nrows_a = ((rmin + nrows + 7) // 8 * 8)[item] - row0a
+    x_row = nrows_a + cols - col0a
+    cls = (x_row ^ (x_row >> 3)) & 7
+    rel = pos - e_begin[item]
+    gstart = pos - rel % 32
+    order = torch.sort(gstart * 8 + cls, stable=True).indices  # groups stay in place, class order inside
+    r = pos - gstart  # rank inside the group, in sorted order
+    full = (e_end[item] - gstart) >= 32
+    lane = torch.where(full, (r % 4) * 8 + r // 4, r)
+    out = torch.empty_like(sperm)
+    out[gstart + lane] = sperm[order]
+    return out
+
+
 def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, triton: Optional[str] = None,
                cuda: Optional[str] = None, compaction: bool = True, T_hint: int = 4096) -> torch.Tensor:
     """The plan for ``indices`` (unique, in range, any order). One device-to-host copy of a few counts (to
@@ -462,10 +501,12 @@ def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, tr
     else:
         span_sum = torch.zeros(1, dtype=i64, device=dev)
     items = items.t().contiguous().reshape(-1)  # item-major: 6 ints per item
-    # row-major order inside each item (same item ranges): the CUDA sparse kernel reuses a row across a
-    # thread's consecutive entries
+    # row-major order inside each item (same item ranges): a CUDA sparse warp step (32 consecutive positions
+    # from the item start) then mostly shares one grad_output row (a shared-memory broadcast); its input rows
+    # are spread over the quarter-warps by bank class (_balance_steps)
     if k:
         sperm = perm[torch.sort(item * (out_features * in_features) + idx[perm]).indices]
+        sperm = _balance_steps(sperm, c[sperm], item, e_begin, e_end, rmin, nrows, cmin)
     else:
         sperm = perm
 

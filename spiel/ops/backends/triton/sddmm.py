@@ -138,9 +138,10 @@ def _reduce_kernel(PART, PERM, OUT, k, S, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _band_gather_kernel(BAND, IDX, RMAP, CMAP, OUT, k, n_in, r0, R, ldb,
+def _band_gather_kernel(BAND, IDX, RMAP, CMAP, OUT, k, n_in, r0, R, c0, C, ldb,
                         USE_RMAP: tl.constexpr, USE_CMAP: tl.constexpr, BLOCK: tl.constexpr):
-    """out[j] = band[r_j - r0, c_j] for the entries whose (compact) row lies in [r0, r0 + R)."""
+    """out[j] = band[r_j - r0, c_j - c0] for the entries whose (compact) row and column lie in the band
+    [r0, r0 + R) x [c0, c0 + C)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     jm = j < k
     idx = tl.load(IDX + j, mask=jm, other=0).to(tl.int64)
@@ -150,8 +151,8 @@ def _band_gather_kernel(BAND, IDX, RMAP, CMAP, OUT, k, n_in, r0, R, ldb,
         r = tl.load(RMAP + r, mask=jm, other=0).to(tl.int64)
     if USE_CMAP:
         c = tl.load(CMAP + c, mask=jm, other=0).to(tl.int64)
-    inb = jm & (r >= r0) & (r < r0 + R)
-    v = tl.load(BAND + (r - r0) * ldb + c, mask=inb, other=0.0)
+    inb = jm & (r >= r0) & (r < r0 + R) & (c >= c0) & (c < c0 + C)
+    v = tl.load(BAND + (r - r0) * ldb + (c - c0), mask=inb, other=0.0)
     tl.store(OUT + j, v, mask=inb)
 
 
@@ -288,13 +289,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _dense_blas(G, X, idx, secs, out_f, in_f, k, info):
     A, B, ur, uc = _operands(G, X, secs, out_f, in_f, info)
     rows, cols = A.shape[1], B.shape[1]
-    R = P.band_rows(rows, cols)
     out = torch.empty(k, dtype=torch.float32, device=G.device)
     grid = (triton.cdiv(k, 1024),)
-    for r0 in range(0, rows, R):
-        rr = min(R, rows - r0)
-        band = _mm_fp32(A[:, r0:r0 + rr].t(), B)
-        _band_gather_kernel[grid](band, idx, secs["rowmap"], secs["colmap"], out, k, in_f, r0, rr, cols,
+    for r0, rr, c0, cc in P.bands(rows, cols):
+        band = _mm_fp32(A[:, r0:r0 + rr].t(), B[:, c0:c0 + cc])
+        _band_gather_kernel[grid](band, idx, secs["rowmap"], secs["colmap"], out, k, in_f, r0, rr, c0, cc, cc,
                                   USE_RMAP=ur, USE_CMAP=uc, BLOCK=1024)
     return out
 
