@@ -11,11 +11,12 @@
 //             one 16-byte row per output row / input column holding its V tokens (loads are coalesced
 //             16-byte vectors along the feature axis, transposed in registers with byte permutes). The
 //             staging is software-pipelined: the next chunk's loads are in flight in registers while the
-//             current chunk is computed. Step i of thread t is entry i * 512 + t of the item's row-major
-//             order (plan section `sperm`): a warp's 32 lanes take 32 consecutive entries (their grad_output
-//             rows mostly coincide: a shared-memory broadcast), every step loads both 16-byte rows with no
-//             data-dependent branch, and the fp32 accumulators stay in registers. Rows are XOR-swizzled in
-//             16-byte units so the transposing stores are conflict-free.
+//             current chunk is computed. Step i of thread t is entry i * 512 + t of the plan section `sperm`:
+//             a warp's 32 lanes take 32 consecutive entries of the item's row-major order (few distinct
+//             grad_output rows: shared-memory broadcasts), which the plan deals to the 4 quarter-warps against
+//             bank conflicts; every step loads both 16-byte rows with no data-dependent branch, and the fp32
+//             accumulators stay in registers. Rows are XOR-swizzled in 16-byte units so the transposing
+//             stores are conflict-free.
 // dense_tile  CTA (non-empty 128 x 128 tile, T split): C = A[t, rows]^T @ B[t, cols] with WMMA (bf16/fp16
 //             mma.sync, fp32 accumulators), 4-stage cp.async pipeline over T, the tile stored to shared
 //             memory, and only the tile's requested entries read back. A/B are grad_output/input or their
@@ -187,7 +188,6 @@ __device__ __forceinline__ int64_t dceil(int64_t a, int64_t b) { return (a + b -
 
 __device__ __forceinline__ int swz(int row) { return row ^ ((row >> 3) & 7); }
 
-template <typename T>
 __device__ __forceinline__ uint32_t word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
@@ -204,12 +204,12 @@ __device__ __forceinline__ void stage_transpose(const uint4* in, uint4* s_rows, 
     if constexpr (sizeof(T) == 2) {
       const int w = e >> 1;
       const uint32_t sel = (e & 1) ? 0x7632 : 0x5410;  // (token 2m, token 2m + 1) of feature e
-      o.x = __byte_perm(word<T>(in[0], w), word<T>(in[1], w), sel);
-      o.y = __byte_perm(word<T>(in[2], w), word<T>(in[3], w), sel);
-      o.z = __byte_perm(word<T>(in[4], w), word<T>(in[5], w), sel);
-      o.w = __byte_perm(word<T>(in[6], w), word<T>(in[7], w), sel);
+      o.x = __byte_perm(word(in[0], w), word(in[1], w), sel);
+      o.y = __byte_perm(word(in[2], w), word(in[3], w), sel);
+      o.z = __byte_perm(word(in[4], w), word(in[5], w), sel);
+      o.w = __byte_perm(word(in[6], w), word(in[7], w), sel);
     } else {
-      o = make_uint4(word<T>(in[0], e), word<T>(in[1], e), word<T>(in[2], e), word<T>(in[3], e));
+      o = make_uint4(word(in[0], e), word(in[1], e), word(in[2], e), word(in[3], e));
     }
     s_rows[swz(drow + e)] = o;
   }
@@ -235,11 +235,12 @@ __global__ void __launch_bounds__(kSpThreads, 1)
   const int nrows_a = static_cast<int>(dceil(row0 + nrows, V) * V - row0a);
   const int ncols_a = static_cast<int>(dceil(col0 + ncols, V) * V - col0a);
 
-  // Step i of thread t is entry e_begin + i * kSpThreads + t of the item's row-major order (`sperm`): the 32
-  // lanes of a warp take 32 consecutive entries, so their grad_output loads mostly hit one or two staged rows
-  // (a shared-memory broadcast) and the loop has no data-dependent branch (every step loads both operands;
-  // the compiler interleaves the independent dots of a step group). off = byte offset of the grad_output
-  // row | byte offset of the input row << 16, both swizzled; an empty step points at row 0 and is dropped.
+  // Step i of thread t is position e_begin + i * kSpThreads + t of `sperm` (row-major inside the item, each
+  // warp step's 32 entries dealt to quarter-warps against bank conflicts by the plan): a warp's grad_output
+  // loads mostly hit a few staged rows (broadcasts) and the loop has no data-dependent branch (every step
+  // loads both operands; the compiler interleaves the independent dots of a step group). off = byte offset
+  // of the grad_output row | byte offset of the input row << 16, both swizzled; an empty step points at row
+  // 0 and is dropped.
   const int n_e = static_cast<int>(e_end - e_begin);
   const int n_steps = (n_e + kSpThreads - 1) / kSpThreads;  // <= kSpEPT, uniform in the CTA
   uint32_t off[kSpEPT];

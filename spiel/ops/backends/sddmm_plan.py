@@ -51,7 +51,7 @@ import torch
 # ---------------------------------------------------------------------------------------------------------
 TILE = 128          # dense tile edge (rows and columns of [out, in])
 SB = 16             # superblock edge, in tiles (2048 x 2048 elements): the sparse staging span bound
-E_MAX = 8192        # entries per sparse work item (CUDA: 256 threads x 32 accumulators)
+E_MAX = 8192        # entries per sparse work item (CUDA: 512 threads x 16 accumulators)
 HDR = 32
 MAGIC = 0x5DD301
 
@@ -160,7 +160,7 @@ def with_strategy(plan: torch.Tensor, k: int, out_features: int, in_features: in
 # ---------------------------------------------------------------------------------------------------------
 # Rates on one H100 SXM (bf16 inputs), fitted from `python benchmarks/bench_sddmm.py` on the H100
 # (2026-11-23 runs and, for the CUDA sparse loop, session 8's rewrite; see benchmarks/NOTES.md). The CUDA
-# sparse loop stages each chunk of tokens and then computes it between barriers, so its time is
+# sparse loop's staging and dot products share the load/store unit, so its time is
 # fixed + staged bytes / stage rate + entry-tokens / eps (session 8 fit over 15 points, worst error 10%).
 # Recalibrate from that script's output on other GPUs (SPIEL_SDDMM_COST).
 COST = {
@@ -206,7 +206,8 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
     res = {}
     # sparse
     if backend == "cuda":
-        # each chunk of tokens is staged, then computed, between two CTA barriers: the terms add
+        # staging (shared-memory stores) and the dot products (shared-memory loads) share the load/store
+        # unit, so even with the next chunk's loads in flight the two terms add (the fit)
         staged = T * float(stats["span_sum"]) * _ELEM / c["sparse_cuda_stage_Bps"]
         comp = T * k / c["sparse_cuda_eps"]
         res["sparse"] = c["launch_s"] + c["sparse_cuda_fixed_s"] + max(floor_read, staged + comp)
