@@ -327,6 +327,11 @@ def test_host_counts_reference_and_mixed_call():
     for j in range(5):
         for a, b in zip(foreach[j], split_host[j]):
             torch.testing.assert_close(a, b, rtol=3e-6, atol=1e-7)
+    # an empty tensor's per-tensor count advances too (torch's AdamW counts every parameter), in every path
+    for run in (lambda *a: ops.adamw_step_(*a, **hyper), lambda *a: adamw_foreach(*a, **hyper)):
+        empty, _ = make_case((0, 0, 4), torch.float32, torch.float32, HOST, 5, "cpu")
+        run(*empty)
+        assert [float(s) for s in empty[4]] == [1.0, 4.0, 2.0**24]
 
 
 def test_host_counts_bad_input():

@@ -32,7 +32,8 @@ def _kernel(backend):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_all_dtypes(backend):
-    assert check_adamw(_kernel(backend), DEV, sizes=(1, 7, 1000, 0, 2053, 1 << 16 | 3)) > 0
+    # the empty tensor at position 2 has the host count 2**24 - 1: its count must advance in every backend
+    assert check_adamw(_kernel(backend), DEV, sizes=(1, 7, 0, 1000, 2053, 1 << 16 | 3)) > 0
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -3,7 +3,7 @@ at a time in fp32 (float64 tensors in float64). Temporaries: fp32 copies of one 
 import torch
 
 from ..._dispatch import register_kernel
-from ...adamw import adamw_step_limit
+from ...adamw import adamw_step_limit, bump_host_counts, is_host_count
 
 
 @register_kernel("adamw_step", "torch")
@@ -11,6 +11,8 @@ from ...adamw import adamw_step_limit
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
     for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         if p.numel() == 0:
+            if is_host_count(s):  # a per-tensor count advances for every tensor (torch's AdamW counts them all)
+                bump_host_counts([s])
             continue
         acc = torch.float64 if p.dtype == torch.float64 else torch.float32
         limit = adamw_step_limit(s.dtype)

@@ -101,6 +101,8 @@ def _log2(beta: float) -> float:
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
     work = [row for row in zip(params, grads, exp_avgs, exp_avg_sqs, steps) if row[0].numel()]
     if not work:
+        # a per-tensor count advances for every tensor, empty ones included (as the other backends)
+        bump_host_counts([s for s in steps if is_host_count(s)])
         return
     device = work[0][0].device
     p_dtype, m_dtype, s_dtype = _TL_DTYPE[work[0][0].dtype], _TL_DTYPE[work[0][2].dtype], _TL_DTYPE[work[0][4].dtype]
@@ -120,4 +122,4 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, ep
                 P_DTYPE=p_dtype, M_DTYPE=m_dtype, S_DTYPE=s_dtype, HOST_COUNT=host, MAXIMIZE=bool(maximize),
                 BLOCK=BLOCK, num_warps=NUM_WARPS)
     if host:
-        bump_host_counts([row[4] for row in work])
+        bump_host_counts(list(steps))  # every tensor's count, empty ones included (as the other backends)
