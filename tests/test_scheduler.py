@@ -257,8 +257,23 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+def _unrecorded(fn):
+    """``fn`` run outside any dispatch mode: the sddmm plan (its format owned by spiel.ops, O(k + out + in +
+    tiles)) is built and balanced unrecorded, as when it was built through the ``spiel::sddmm_plan`` op."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def inner(*args, **kwargs):
+        with _disable_current_modes():
+            return fn(*args, **kwargs)
+    return inner
+
+
 @pytest.mark.parametrize("mode", ["ag", "ma"])
-def test_index_update_memory_is_o_k_plus_block(mode):
+def test_index_update_memory_is_o_k_plus_block(mode, monkeypatch):
+    from spiel.ops.backends import sddmm_plan as P
+
+    monkeypatch.setattr(P, "build_plan", _unrecorded(P.build_plan))
+    monkeypatch.setattr(P, "balance_plans", _unrecorded(P.balance_plans))
     torch.manual_seed(0)
     out_f, in_f, k, block = 256, 128, 300, 2048
     layer = _layer(out_f, in_f, k, seed=7)

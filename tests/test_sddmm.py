@@ -287,6 +287,41 @@ def test_plan_code_and_overrides():
         assert P.encode(d["level_r"], d["level_c"], d["triton"], d["cuda"]) == code
 
 
+def test_balance_plans_batched_equals_single():
+    """Plans built unbalanced and balanced together (what rebuild_sddmm_plans does) equal plans built one by one
+    with their own balancing, bit for bit; the batched greedy is a fixed number of aten ops, not per plan."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from spiel.ops.backends import sddmm_plan as P
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(300, 500, 4000), (2100, 2200, 9000), (64, 96, 64 * 96 // 3), (40, 30, 0), (700, 900, 1)]
+    cases = []
+    for i in range(8):
+        o, n, k = shapes[i % len(shapes)]
+        idx = torch.randperm(o * n, generator=g)[:k].sort().values.to(torch.int32 if i % 2 else torch.int64)
+        cases.append((idx, o, n))
+    single = [P.build_plan(idx, o, n) for idx, o, n in cases]
+    raw = [P.build_plan(idx, o, n, balance=False) for idx, o, n in cases]
+    with Count() as one:
+        P.balance_plans([(raw[1], cases[1][0], cases[1][1], cases[1][2])])
+    raw = [P.build_plan(idx, o, n, balance=False) for idx, o, n in cases]
+    with Count() as many:
+        P.balance_plans([(plan, idx, o, n) for plan, (idx, o, n) in zip(raw, cases)])
+    for a, b in zip(raw, single):
+        assert torch.equal(a, b)
+    assert many.n < 2 * one.n, (many.n, one.n)
+
+
 def test_dense_blas_bands_cover_the_gradient():
     """sddmm_plan.bands tiles [rows, cols] exactly once: row bands, or column bands when cols > rows, each at
     most BAND_BYTES of fp32 (one band when the whole gradient fits)."""

@@ -745,9 +745,15 @@ def rebuild_sddmm_plans(layers) -> None:
     plan_indices = [layer._plan_indices() for layer in layers]
     needed = _plan.needs_plan_many([(idx, layer.out_features, layer.in_features)
                                     for idx, layer in zip(plan_indices, layers)])
+    built = []
     for layer, idx, need in zip(layers, plan_indices, needed):
-        layer.sddmm_plan = (torch.ops.spiel.sddmm_plan(idx.contiguous(), layer.out_features, layer.in_features)
+        # the plans' bank-conflict balancing runs for all of them at once below (a fixed number of launches,
+        # not ~1300 aten ops per plan)
+        layer.sddmm_plan = (_plan.build_plan(idx.contiguous(), layer.out_features, layer.in_features, balance=False)
                             if need else None)
+        if need:
+            built.append((layer.sddmm_plan, idx, layer.out_features, layer.in_features))
+    _plan.balance_plans(built)
 
 
 @torch.no_grad()

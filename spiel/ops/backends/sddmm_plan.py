@@ -42,6 +42,7 @@ correctly with any plan of the same indices (the ``strategy=`` overrides use tha
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -439,69 +440,128 @@ def step_wavefronts(g_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _balance_steps(sperm: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, item: torch.Tensor,
-                   e_begin: torch.Tensor, e_end: torch.Tensor, rmin: torch.Tensor, nrows: torch.Tensor,
-                   cmin: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Reorder each full warp step of the CUDA sparse kernel (32 consecutive positions from its item's start)
-    over its 4 quarter-warps so that few lanes of a quarter read different staged rows of one shared-memory
-    bank class: a 16-byte shared load is served per quarter-warp, one wavefront per distinct 16-byte row of
-    the most loaded class (8 classes: csrc/sddmm.cu ``swz`` of the staged row, for 16-bit operands).
-
-    Greedy, vectorised over steps: entries in row-major order each take the quarter (with a free lane) where
-    they add the fewest conflicts: grad_output rows of their class other than their own row (equal rows are a
-    broadcast) plus input rows of their class. Row-major order alone keeps a step's few grad_output rows
-    together but leaves the input rows random (~10 wavefronts per load at 0.1% density; 4 is the minimum);
-    a simulation of 0.1-2.4% density gives 10-17% fewer wavefronts than row-major or a class sort of the input
-    rows alone. Partial steps keep row-major order. Any order is correct: the kernel writes position j's
-    result to ``sperm[j]``."""
-    k = sperm.numel()
-    dev = sperm.device
+def _step_geometry(plan: torch.Tensor, indices: torch.Tensor, out_features: int, in_features: int):
+    """Per position of the plan's ``sperm``: (sperm as int64, staged grad_output row, staged input row, lane in
+    its CUDA sparse warp step (32 consecutive positions from the item's start), whether that step is full, step
+    id). Staged rows as csrc/sddmm.cu stages 16-bit operands (spans aligned to 8 columns)."""
+    k = indices.numel()
+    dev = indices.device
+    secs = sections(plan, k, out_features, in_features)
+    sperm = secs["sperm"].long()
+    it = secs["items"].view(-1, 6).long()
+    e_begin, e_end, rmin, nrows, cmin = it[:, 0], it[:, 1], it[:, 2], it[:, 3], it[:, 4]
     pos = torch.arange(k, device=dev)
-    row0a = (rmin // 8 * 8)[item]
-    col0a = (cmin // 8 * 8)[item]
-    nrows_a = ((rmin + nrows + 7) // 8 * 8)[item] - row0a
-    g_row = rows - row0a                      # staged grad_output row
-    x_row = nrows_a + cols - col0a            # staged input row
-    rel = pos - e_begin[item]
-    lane0 = rel % 32
-    gid = torch.cumsum((lane0 == 0).to(torch.int64), 0) - 1
-    full = (e_end[item] - (pos - lane0)) >= 32
-    # [n_groups, 32] staged rows per step; partial and unused steps are never written back
-    G = n_groups
-    g_buf = torch.full((G, 32), -1, dtype=torch.int64, device=dev)
-    x_buf = torch.full((G, 32), -1, dtype=torch.int64, device=dev)
-    g_buf[gid, lane0] = g_row
-    x_buf[gid, lane0] = x_row
-    gi = torch.arange(G, device=dev)
-    cnt_g = torch.zeros(G, 4, 8, dtype=torch.int64, device=dev)
-    last_g = torch.full((G, 4, 8), -1, dtype=torch.int64, device=dev)
-    cnt_x = torch.zeros(G, 4, 8, dtype=torch.int64, device=dev)
-    fill = torch.zeros(G, 4, dtype=torch.int64, device=dev)
-    lane_of = torch.empty(G, 32, dtype=torch.int64, device=dev)
+    # valid items come first with increasing ends; unused item slots are zero rows after them
+    item = torch.searchsorted(torch.where(e_end > 0, e_end, k + 1), pos, right=True)
+    idx = indices.reshape(-1).long().index_select(0, sperm)
+    r = torch.div(idx, in_features, rounding_mode="floor")
+    c = idx - r * in_features
+    row0a = (rmin // 8 * 8).index_select(0, item)
+    col0a = (cmin // 8 * 8).index_select(0, item)
+    nrows_a = ((rmin + nrows + 7) // 8 * 8).index_select(0, item) - row0a
+    lane0 = (pos - e_begin.index_select(0, item)) % 32
+    full = (e_end.index_select(0, item) - (pos - lane0)) >= 32
+    step = torch.cumsum((lane0 == 0).to(torch.int64), 0) - 1
+    return sperm, r - row0a, nrows_a + c - col0a, lane0, full, step
+
+
+def _greedy_lanes(g_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
+    """[G, 32] staged rows of G warp steps in row-major entry order -> [G, 32] lane of each entry.
+
+    Entries in order each take the quarter-warp (with a free lane) where they add the fewest bank conflicts:
+    grad_output rows of their class other than their own row (equal rows are one broadcast) plus input rows of
+    their class. A fixed number of launches per call, whatever G (state: per quarter and class, flattened)."""
+    G = g_rows.shape[0]
+    dev = g_rows.device
+    i64 = torch.int64
+    off4 = torch.arange(4, device=dev) * 8
+    g_cls = _swz_class(g_rows.clamp_min(0))
+    x_cls = _swz_class(x_rows.clamp_min(0))
+    cnt_g = torch.zeros(G, 32, dtype=i64, device=dev)
+    last_g = torch.full((G, 32), -1, dtype=i64, device=dev)
+    cnt_x = torch.zeros(G, 32, dtype=i64, device=dev)
+    fill = torch.zeros(G, 4, dtype=i64, device=dev)
+    ones = torch.ones(G, 1, dtype=i64, device=dev)
+    lanes = torch.empty(G, 32, dtype=i64, device=dev)
     for e in range(32):
-        gr, xr = g_buf[:, e], x_buf[:, e]
-        gc, xc = _swz_class(gr.clamp_min(0)), _swz_class(xr.clamp_min(0))
-        seen = last_g[gi, :, gc] == gr[:, None]                       # [G, 4]: own row already in that quarter
-        cost = torch.where(seen, 0, cnt_g[gi, :, gc]) + cnt_x[gi, :, xc]
-        cost = torch.where(fill >= 8, 1 << 20, cost)
-        q = torch.argmin(cost, 1)                                      # first minimum: deterministic
-        lane_of[:, e] = q * 8 + fill[gi, q]
-        fill[gi, q] += 1
-        cnt_g[gi, q, gc] += (~seen[gi, q]).to(torch.int64)
-        last_g[gi, q, gc] = gr
-        cnt_x[gi, q, xc] += 1
-    lane = torch.where(full, lane_of[gid, lane0], lane0)
-    out = torch.empty_like(sperm)
-    out[pos - lane0 + lane] = sperm
+        gr = g_rows[:, e:e + 1]
+        ig = g_cls[:, e:e + 1] + off4                                   # [G, 4]: (quarter, class) slots
+        ix = x_cls[:, e:e + 1] + off4
+        seen = last_g.gather(1, ig) == gr                               # own row already in that quarter
+        cost = torch.where(seen, 0, cnt_g.gather(1, ig)) + cnt_x.gather(1, ix)
+        cost.masked_fill_(fill >= 8, 1 << 20)
+        q = cost.argmin(1, keepdim=True)                                # first minimum: deterministic
+        lanes[:, e:e + 1] = q * 8 + fill.gather(1, q)
+        fill.scatter_add_(1, q, ones)
+        slot_g = ig.gather(1, q)
+        cnt_g.scatter_add_(1, slot_g, (~seen.gather(1, q)).to(i64))
+        last_g.scatter_(1, slot_g, gr)
+        cnt_x.scatter_add_(1, ix.gather(1, q), ones)
+    return lanes
+
+
+#: Most warp steps one greedy pass of :func:`balance_plans` works on (bounds its ~1 KiB per step of state).
+BALANCE_STEPS = 1 << 17
+
+
+@torch.no_grad()
+def balance_plans(entries: Sequence[Tuple[torch.Tensor, torch.Tensor, int, int]]) -> None:
+    """Reorder, in place, the ``sperm`` section of each ``(plan, indices, out, in)`` against shared-memory bank
+    conflicts of the CUDA sparse kernel, all plans of one device in one greedy pass (:func:`build_plan` calls it
+    for its own plan; :func:`spiel.nn.linear.rebuild_sddmm_plans` builds unbalanced plans and balances them
+    together: ~20 launches per step of the greedy, not per plan).
+
+    Each full warp step (32 consecutive positions from its item's start, in row-major order) is dealt to the 4
+    quarter-warps: a 16-byte shared load is served per quarter-warp, one wavefront per distinct 16-byte row of
+    its most loaded bank class (8 classes: csrc/sddmm.cu ``swz`` of the staged row). Row-major order alone keeps
+    a step's few grad_output rows together but leaves the input rows random (~10 wavefronts per load at 0.1%
+    density; 4 is the minimum); on real plans of 0.1-2.4% density the greedy gives 10-16% fewer wavefronts
+    than row-major order (:func:`step_wavefronts`). Partial steps keep row-major order. Any order is correct:
+    the kernel writes position j's result to ``sperm[j]``."""
+    by_device: Dict[torch.device, list] = defaultdict(list)
+    for plan, indices, out_f, in_f in entries:
+        if indices.numel():
+            by_device[indices.device].append((plan, indices, int(out_f), int(in_f)))
+    for group in by_device.values():
+        geo, bounds = [], []
+        for plan, indices, out_f, in_f in group:
+            geo.append(_step_geometry(plan, indices, out_f, in_f))
+            bounds.append(indices.numel() // 32 + max_items(indices.numel(), out_f, in_f) + 1)  # >= steps
+        dev = group[0][1].device
+        base = _exclusive(bounds)
+        total = sum(bounds)
+        g_buf = torch.full((total, 32), -1, dtype=torch.int64, device=dev)
+        x_buf = torch.full((total, 32), -1, dtype=torch.int64, device=dev)
+        for (sperm, g_row, x_row, lane0, full, step), b0 in zip(geo, base):
+            g_buf[step + b0, lane0] = g_row
+            x_buf[step + b0, lane0] = x_row
+        lanes = torch.cat([_greedy_lanes(g_buf[s:s + BALANCE_STEPS], x_buf[s:s + BALANCE_STEPS])
+                           for s in range(0, total, BALANCE_STEPS)])
+        for (plan, indices, out_f, in_f), (sperm, g_row, x_row, lane0, full, step), b0 in zip(group, geo, base):
+            lane = torch.where(full, lanes[step + b0, lane0], lane0)
+            new = torch.empty_like(sperm)
+            new[torch.arange(sperm.numel(), device=dev) - lane0 + lane] = sperm
+            off, n = layout(indices.numel(), out_f, in_f)["sperm"]
+            plan.narrow(0, off, n).copy_(new)
+
+
+def _exclusive(values: Sequence[int]) -> List[int]:
+    out, acc = [], 0
+    for v in values:
+        out.append(acc)
+        acc += v
     return out
 
 
 def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, triton: Optional[str] = None,
-               cuda: Optional[str] = None, compaction: bool = True, T_hint: int = 4096) -> torch.Tensor:
+               cuda: Optional[str] = None, compaction: bool = True, T_hint: int = 4096,
+               balance: bool = True) -> torch.Tensor:
     """The plan for ``indices`` (unique, in range, any order). One device-to-host copy of a few counts (to
     decide the strategies); call once per index update, never in forward/backward.
 
-    ``triton`` / ``cuda`` force that backend's strategy; ``compaction=False`` disables compaction."""
+    ``triton`` / ``cuda`` force that backend's strategy; ``compaction=False`` disables compaction;
+    ``balance=False`` leaves ``sperm`` in row-major order, for a caller that balances many plans at once
+    (:func:`balance_plans`)."""
     out_features, in_features = int(out_features), int(in_features)
     dev = indices.device
     k = indices.numel()
@@ -557,11 +617,9 @@ def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, tr
     items = items.t().contiguous().reshape(-1)  # item-major: 6 ints per item
     # row-major order inside each item (same item ranges): a CUDA sparse warp step (32 consecutive positions
     # from the item start) then mostly shares a few grad_output rows (shared-memory broadcasts); its lanes are
-    # then assigned to quarter-warps to avoid bank conflicts (_balance_steps)
+    # then dealt to quarter-warps against bank conflicts (balance_plans, at the end)
     if k:
         sperm = perm[torch.sort(item * (out_features * in_features) + idx[perm]).indices]
-        sperm = _balance_steps(sperm, r[sperm], c[sperm], item, e_begin, e_end, rmin, nrows, cmin,
-                               k // 32 + wmax + 1)
     else:
         sperm = perm
 
@@ -615,6 +673,8 @@ def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, tr
              ctile_list, ctile_ptr, ctile_slot, torch.zeros(code, dtype=i64, device=dev)]
     plan = torch.cat([p.reshape(-1).to(i64) for p in parts]).to(torch.int32)
     assert plan.numel() == lay["base"][0] + code
+    if balance:
+        balance_plans([(plan, indices, out_features, in_features)])
     return plan
 
 
