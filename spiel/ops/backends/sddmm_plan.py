@@ -41,6 +41,7 @@ correctly with any plan of the same indices (the ``strategy=`` overrides use tha
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -528,7 +529,7 @@ def balance_plans(entries: Sequence[Tuple[torch.Tensor, torch.Tensor, int, int]]
             geo.append(_step_geometry(plan, indices, out_f, in_f))
             bounds.append(indices.numel() // 32 + max_items(indices.numel(), out_f, in_f) + 1)  # >= steps
         dev = group[0][1].device
-        base = _exclusive(bounds)
+        base = list(itertools.accumulate(bounds, initial=0))[:-1]  # first step row of each plan
         total = sum(bounds)
         g_buf = torch.full((total, 32), -1, dtype=torch.int64, device=dev)
         x_buf = torch.full((total, 32), -1, dtype=torch.int64, device=dev)
@@ -543,14 +544,6 @@ def balance_plans(entries: Sequence[Tuple[torch.Tensor, torch.Tensor, int, int]]
             new[torch.arange(sperm.numel(), device=dev) - lane0 + lane] = sperm
             off, n = layout(indices.numel(), out_f, in_f)["sperm"]
             plan.narrow(0, off, n).copy_(new)
-
-
-def _exclusive(values: Sequence[int]) -> List[int]:
-    out, acc = [], 0
-    for v in values:
-        out.append(acc)
-        acc += v
-    return out
 
 
 def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, triton: Optional[str] = None,
