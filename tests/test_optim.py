@@ -23,6 +23,23 @@ def _dense_grad(layer, grad):
     return d.view(layer.out_features, layer.in_features)
 
 
+def _train_like_dense_adamw(layer, opt, hyper, steps):
+    """``steps`` steps of ``opt`` on random gradients of ``layer.values`` next to torch.optim.AdamW on a float64
+    dense [out, in] parameter fed the same gradients at the active entries; the active entries must agree
+    after every step. Returns (dense, its AdamW) to continue from."""
+    dense = nn.Parameter(torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64))
+    ref = torch.optim.AdamW([dense], **hyper)
+    for _ in range(steps):
+        g = torch.randn(layer.values.numel())
+        layer.values.grad = g.clone()
+        dense.grad = _dense_grad(layer, g)
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(layer.values.detach().double(), dense.detach().view(-1)[layer.indices.long()],
+                                   rtol=1e-5, atol=1e-6)
+    return dense, ref
+
+
 def _change_indices(layer, n, seed):
     """Drop the n last slots, add n random new positions (values 0); returns (order, regrown, stayed_old_pos)."""
     g = torch.Generator().manual_seed(seed)
@@ -49,16 +66,7 @@ def test_sparse_adamw_matches_dense_adamw_across_reindex(weight_decay):
     layer = _layer()
     hyper = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
     opt = SparseAdamW(layer, **hyper)
-    dense = nn.Parameter(torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64))
-    ref = torch.optim.AdamW([dense], **hyper)
-    for _ in range(6):
-        g = torch.randn(layer.values.numel())
-        layer.values.grad = g.clone()
-        dense.grad = _dense_grad(layer, g)
-        opt.step()
-        ref.step()
-        torch.testing.assert_close(layer.values.detach().double(), dense.detach().view(-1)[layer.indices.long()],
-                                   rtol=1e-5, atol=1e-6)
+    dense, ref = _train_like_dense_adamw(layer, opt, hyper, 6)
     old_idx = layer.indices.long().clone()
     order, regrown = _change_indices(layer, 8, seed=1)
     opt.reindex(layer, order, regrown)
@@ -466,16 +474,7 @@ def test_sparse_adamw_per_tensor_steps_matches_torch_adamw_and_reindex_keeps_the
     layer = _layer()
     hyper = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
     opt = SparseAdamW(layer, per_slot_steps=False, **hyper)
-    dense = nn.Parameter(torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64))
-    ref = torch.optim.AdamW([dense], **hyper)
-    for _ in range(5):
-        g = torch.randn(layer.values.numel())
-        layer.values.grad = g.clone()
-        dense.grad = _dense_grad(layer, g)
-        opt.step()
-        ref.step()
-        torch.testing.assert_close(layer.values.detach().double(), dense.detach().view(-1)[layer.indices.long()],
-                                   rtol=1e-5, atol=1e-6)
+    _train_like_dense_adamw(layer, opt, hyper, 5)
     st = opt.state[layer.values]
     assert st["step"].dim() == 0 and st["step"].device.type == "cpu" and float(st["step"]) == 5.0
     m_before = st["exp_avg"].clone()
