@@ -138,10 +138,10 @@ def _reduce_kernel(PART, PERM, OUT, k, S, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _band_gather_kernel(BAND, IDX, RMAP, CMAP, OUT, k, n_in, r0, R, c0, C, ldb,
+def _band_gather_kernel(BAND, IDX, RMAP, CMAP, OUT, k, n_in, r0, R, c0, C,
                         USE_RMAP: tl.constexpr, USE_CMAP: tl.constexpr, BLOCK: tl.constexpr):
     """out[j] = band[r_j - r0, c_j - c0] for the entries whose (compact) row and column lie in the band
-    [r0, r0 + R) x [c0, c0 + C)."""
+    [r0, r0 + R) x [c0, c0 + C) (a contiguous [R, C] block)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     jm = j < k
     idx = tl.load(IDX + j, mask=jm, other=0).to(tl.int64)
@@ -152,7 +152,7 @@ def _band_gather_kernel(BAND, IDX, RMAP, CMAP, OUT, k, n_in, r0, R, c0, C, ldb,
     if USE_CMAP:
         c = tl.load(CMAP + c, mask=jm, other=0).to(tl.int64)
     inb = jm & (r >= r0) & (r < r0 + R) & (c >= c0) & (c < c0 + C)
-    v = tl.load(BAND + (r - r0) * ldb + (c - c0), mask=inb, other=0.0)
+    v = tl.load(BAND + (r - r0) * C + (c - c0), mask=inb, other=0.0)
     tl.store(OUT + j, v, mask=inb)
 
 
@@ -293,7 +293,7 @@ def _dense_blas(G, X, idx, secs, out_f, in_f, k, info):
     grid = (triton.cdiv(k, 1024),)
     for r0, rr, c0, cc in P.bands(rows, cols):
         band = _mm_fp32(A[:, r0:r0 + rr].t(), B[:, c0:c0 + cc])
-        _band_gather_kernel[grid](band, idx, secs["rowmap"], secs["colmap"], out, k, in_f, r0, rr, c0, cc, cc,
+        _band_gather_kernel[grid](band, idx, secs["rowmap"], secs["colmap"], out, k, in_f, r0, rr, c0, cc,
                                   USE_RMAP=ur, USE_CMAP=uc, BLOCK=1024)
     return out
 
