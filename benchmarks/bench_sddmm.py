@@ -28,7 +28,8 @@ for _p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from harness import Runner, Skip, common_args, guarded_main, pick_device, print_header, print_table  # noqa: E402
+from harness import (Runner, Skip, common_args, guarded_main, paired_ratios, pick_device, print_header,  # noqa: E402
+                     print_table)
 
 STRATS = ("sparse", "dense_tile", "dense_blas")
 DENSITIES = (0.001, 0.005, 0.01, 0.024)
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--no-concentrated", action="store_true")
     p.add_argument("--quick", action="store_true", help="4096x4096 only")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--paired-rounds", type=int, default=7,
+                   help="rounds of interleaved dense / auto timings for the paired speed-ups (0: off)")
     return p.parse_args(argv)
 
 
@@ -152,6 +155,14 @@ def main(argv=None) -> int:
                     row = runner.run(case, name, factory, info=base_info)
                     rec["ms"][name] = row.get("ms")
                     rec["mem"][name] = row.get("peak_mib")
+                if args.paired_rounds > 0 and device.type == "cuda":
+                    # the never-slower-than-dense verdict from within-round ratios (separate medians drift by a
+                    # few percent with the clocks: the dense baseline alone moved 0.98-1.05 ms across one run)
+                    pair = {n: providers[n]() for n in ("dense+gather", "cuda auto", "cuda dense_blas", "triton auto")
+                            if n in providers and isinstance(rec["ms"].get(n), float)}
+                    if "dense+gather" in pair and len(pair) > 1:
+                        rec["paired"] = paired_ratios(pair, "dense+gather", device, rounds=args.paired_rounds)
+                    del pair
                 rec["pred"] = {be: P.estimate_costs(T, out_f, in_f, k, stats, be, info["level_r"], info["level_c"])
                                for be in ("triton", "cuda")}
                 summary.append(rec)
@@ -194,6 +205,18 @@ def main(argv=None) -> int:
         cols.append(("fp8 ms", "fp8"))
         print_table(rows, cols, title=f"sddmm, T = {T}, {args.dtype}: median ms (t = triton, c = cuda; "
                                       "'x dense' = dense ms / auto ms; pick ok = the chosen strategy within 10% of the best)")
+
+        if any("paired" in r for r in summary):
+            prows = []
+            for r in summary:
+                pr = {"case": r["case"]}
+                for n, v in r.get("paired", {}).items():
+                    pr[n] = f"{v['x']:.3f} ({v['x_min']:.3f}-{v['x_max']:.3f})"
+                prows.append(pr)
+            pnames = ("cuda auto", "cuda dense_blas", "triton auto")
+            print_table(prows, [("case", "case")] + [(n, n) for n in pnames],
+                        title=f"paired speed-up over dense+gather: median of {args.paired_rounds} within-round ratios "
+                              "(min-max); > 1 = faster than dense")
 
         mrows = []
         for r in summary:
@@ -271,7 +294,12 @@ def main(argv=None) -> int:
                 if a is None or d is None:
                     continue
                 notes = []
-                notes.append("not slower than dense: " + ("PASS" if a <= d * 1.02 else "FAIL"))
+                paired = r.get("paired", {}).get(f"{be} auto")
+                if paired is not None:
+                    notes.append(f"not slower than dense (paired {paired['x']:.3f}x): "
+                                 + ("PASS" if paired["x"] >= 1.0 else "FAIL"))
+                else:
+                    notes.append("not slower than dense: " + ("PASS" if a <= d * 1.02 else "FAIL"))
                 if "random 0.1%" in r["case"]:
                     notes.append(f">= 5x at 0.1%: {'PASS' if d / a >= 5 else 'FAIL'}")
                 if "concentrated" in r["case"]:

@@ -186,6 +186,28 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return _quantiles(times)
 
 
+def paired_ratios(fns: Dict[str, Callable[[], object]], baseline: str, device: torch.device, rounds: int = 7,
+                  rep_ms: float = 40) -> Dict[str, Dict[str, float]]:
+    """Speed-up of each provider over ``baseline`` from interleaved timings: ``rounds`` rounds, each timing every
+    provider once (order rotated per round), the ratio ``baseline ms / provider ms`` taken within a round.
+    Clock and power drift between separate measurements moves single medians by a few percent; a within-round
+    ratio cancels most of it. Returns ``name -> {"x": median ratio, "x_min", "x_max"}`` (baseline excluded)."""
+    names = list(fns)
+    if baseline not in fns:
+        raise ValueError(f"baseline {baseline!r} is not one of {names}")
+    per_round: List[Dict[str, float]] = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        per_round.append({n: time_fn(fns[n], device, warmup_ms=5, rep_ms=rep_ms)["ms"] for n in order})
+    out: Dict[str, Dict[str, float]] = {}
+    for n in names:
+        if n == baseline:
+            continue
+        xs = sorted(t[baseline] / t[n] for t in per_round)
+        out[n] = {"x": _quantiles(xs)["ms"], "x_min": xs[0], "x_max": xs[-1]}
+    return out
+
+
 def _quantiles(times: Sequence[float]) -> Dict[str, float]:
     ts = sorted(times)
 

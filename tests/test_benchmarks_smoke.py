@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -156,6 +157,22 @@ def test_plot_and_helpers(tmp_path):
         assert (tmp_path / "plots" / "e2e_steps.png").exists()
 
 
+def test_paired_ratios_cpu():
+    """Interleaved timings: a provider doing half the baseline's work is ~2x; the baseline is not a row."""
+    import harness
+
+    def work(n):
+        return lambda: sum(range(n))
+
+    res = harness.paired_ratios({"base": work(40000), "half": work(20000), "same": work(40000)}, "base",
+                                torch.device("cpu"), rounds=3, rep_ms=5)
+    assert set(res) == {"half", "same"}
+    assert 1.4 < res["half"]["x"] < 2.8 and res["half"]["x_min"] <= res["half"]["x"] <= res["half"]["x_max"]
+    assert 0.7 < res["same"]["x"] < 1.4
+    with pytest.raises(ValueError, match="baseline"):
+        harness.paired_ratios({"a": work(10)}, "b", torch.device("cpu"))
+
+
 def test_bench_select_small_cpu(tmp_path):
     out_csv = tmp_path / "select.csv"
     stdout = _run("bench_select.py", "--small", "--device", "cpu", "--csv", str(out_csv))
@@ -183,7 +200,7 @@ def test_profile_e2e_update_phases_cpu():
     stdout = _run("profile_e2e.py", "--provider", "spiel-ag", "--model", "tiny", "--device", "cpu",
                   "--reselection-steps", "4", "--accumulation-steps", "2", "--profile-update", "--host")
     assert "index-update steps profiled" in stdout
-    for phase in ("probe", "install", "harvest", "update", "apply"):
+    for phase in ("probe", "install", "update", "apply"):  # no harvest: 1 candidate per slot is deferred
         assert f"spiel.scheduler.{phase} " in stdout, phase
     # --host: the enqueue time of each phase of a plain step and a cProfile naming spiel's layer
     assert "== host: ms per plain step" in stdout

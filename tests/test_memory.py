@@ -236,7 +236,9 @@ def test_candidate_gradients_hold_only_c_floats():
     layer.clear_candidates()
 
     opt = SparseAdamW(layer, lr=0.01)
-    sched = SpielScheduler(layer, opt, "ag", total_steps=100, reselection_steps=6, accumulation_steps=3)
+    # two candidates per slot: installed and accumulated (with one they are deferred, see test_scheduler)
+    sched = SpielScheduler(layer, opt, "ag", total_steps=100, reselection_steps=6, accumulation_steps=3,
+                           candidates_per_slot=2)
     for t in range(4):  # the probe fires in step 3's backward; the candidates are installed after it
         layer(torch.randn(T, IN)).pow(2).mean().backward()
         opt.step()

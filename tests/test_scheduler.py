@@ -110,9 +110,15 @@ def test_ag_selection_on_crafted_gradients(candidates_per_slot):
         opt.step()
         sched.step()
         opt.zero_grad()
-        if t == 2:
+        if t == 2 and candidates_per_slot == 1:
+            # n candidates for n slots: deferred (not installed, nothing accumulated), regrown as they are
+            assert layer.candidates is None and layer.candidate_values is None
+            window = sched.state_dict()["window"]
+            assert window["accs"] is None and window["update"] == 4
+            assert torch.equal(window["candidates"][0].long(), _expected_top(G.abs(), old, c))
+        elif t == 2:
             assert torch.equal(layer.candidates.long(), _expected_top(G.abs(), old, c))
-        if t == 3:
+        if t == 3 and candidates_per_slot > 1:
             acc = sched.state_dict()["window"]["accs"][0]
             assert torch.equal(acc, G.view(-1)[layer.candidates.long()])  # one step accumulated
     assert layer.candidates is None and layer.candidate_values is None
@@ -318,7 +324,7 @@ def _batch(step):
     return torch.randn(8, 12, generator=g), torch.randn(8, 3, generator=g)
 
 
-def _build(mode, seed):
+def _build(mode, seed, candidates_per_slot=1):
     torch.manual_seed(seed)
     net = _Net(seed)
     if mode == "ag":
@@ -326,7 +332,7 @@ def _build(mode, seed):
     else:
         opt = SM3(net, lr=0.05, momentum=0.5, other_params=net.head.parameters())
     sched = SpielScheduler(net, opt, mode, total_steps=40, reselection_steps=6, accumulation_steps=3,
-                           drop_fraction=0.4)
+                           drop_fraction=0.4, candidates_per_slot=candidates_per_slot)
     return net, opt, sched
 
 
@@ -344,21 +350,23 @@ def _train(net, opt, sched, steps):
     return losses
 
 
-@pytest.mark.parametrize("mode", ["ag", "ma"])
+@pytest.mark.parametrize("mode", ["ag", "ma", "ag-window"])  # ag: candidates deferred; ag-window: 2 per slot
 @pytest.mark.parametrize("stop", [2, 3, 4, 6, 13])  # AG: armed (2), probed/installed (3), in the window (4), update
 def test_resume_is_bit_identical(mode, stop):
     total = 20
-    net, opt, sched = _build(mode, 0)
+    cps = 2 if mode == "ag-window" else 1
+    mode = mode.split("-")[0]
+    net, opt, sched = _build(mode, 0, cps)
     ref_losses = _train(net, opt, sched, range(total))
     ref_indices = [net.a.indices.clone(), net.b.indices.clone()]
 
-    net1, opt1, sched1 = _build(mode, 0)
+    net1, opt1, sched1 = _build(mode, 0, cps)
     losses = _train(net1, opt1, sched1, range(stop))
     buf = io.BytesIO()
     torch.save({"model": net1.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)
-    net2, opt2, sched2 = _build(mode, 123)  # different initial indices and weights: all must come from ckpt
+    net2, opt2, sched2 = _build(mode, 123, cps)  # different initial indices and weights: all must come from ckpt
     net2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
@@ -572,3 +580,52 @@ def test_step_in_backward_trains_like_step_with_checkpointing_and_index_updates(
             assert torch.equal(a.values.detach(), b.values.detach())
             updates += 1
     assert updates == 4
+
+
+# ----------------------------------------------------------------------------------------------- deferred candidates
+def _run_ag(candidates_per_slot, steps, meddle_at=None):
+    net, opt, sched = _build("ag", 0, candidates_per_slot)
+    for s in steps:
+        x, y = _batch(s)
+        (net(x) - y).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if s == meddle_at:  # the user moves layer a's indices between the probe and the update
+            net.a.set_indices(net.a.indices.flip(0).sort().values.clone(), net.a.values.detach().clone())
+    return net, sched
+
+
+def test_deferred_candidates_are_held_on_host_and_all_regrow():
+    """candidates_per_slot=1 defers the probe's positions (host memory, nothing installed or accumulated) and
+    each layer regrows all n of them at the update, as the accumulating path would (n of n candidates; the
+    crafted-gradient test checks the chosen positions against the top |gradient| for the same setting)."""
+    net, sched = _run_ag(1, range(3))  # probe in step U - gamma = 3 (index 2): deferred after it
+    assert sched._deferred is not None and sched._window is None
+    assert all(m.candidates is None for m in (net.a, net.b))
+    assert all(p.device.type == "cpu" for p in sched._deferred["positions"])
+    wanted = {n: p.long().clone() for n, p in zip(sched._deferred["names"], sched._deferred["positions"])}
+    old = {"a": net.a.indices.long().clone(), "b": net.b.indices.long().clone()}
+    for s in range(3, 6):
+        x, y = _batch(s)
+        (net(x) - y).pow(2).mean().backward()
+        sched.optimizer.step()
+        sched.step()
+        sched.optimizer.zero_grad()
+    assert sched._deferred is None and sched.last_update
+    for name, layer in (("a", net.a), ("b", net.b)):
+        key = next(n for n in wanted if n.endswith(name))
+        assert not torch.isin(wanted[key], old[name]).any()
+        assert torch.isin(wanted[key], layer.indices.long()).all()  # every candidate regrew
+        assert sched.last_update[key] == wanted[key].numel()
+        _check_invariants(layer, layer.values.numel())
+
+
+def test_deferred_candidates_skip_a_layer_whose_indices_changed():
+    """Indices set between the probe and the update (same positions, a new version): that layer is not
+    updated, since its deferred positions might now be active; the other layer is."""
+    net, sched = _run_ag(1, range(6), meddle_at=3)
+    names = [n for n in sched.last_update]
+    assert any(n.endswith("b") for n in names) and not any(n.endswith("a") for n in names)
+    _check_invariants(net.a, net.a.values.numel())
+    _check_invariants(net.b, net.b.values.numel())

@@ -12,7 +12,10 @@ with ``t`` the number of optimizer steps done; ``step()`` is called once after e
   ``layer.set_candidates``; during steps ``U - gamma + 1 .. U`` (gamma steps, every micro-batch) the layer's
   backward accumulates their gradient in ``candidate_values.grad``, which ``step()`` moves into the scheduler's
   fp32 accumulators (unscaled when a GradScaler is given). After step ``U``: drop + regrow by |accumulated
-  gradient|, candidates cleared.
+  gradient|, candidates cleared. With ``candidates_per_slot=1`` there are exactly as many candidates as
+  regrown slots, so the accumulation cannot change the choice: the candidates are then *deferred* instead of
+  installed (their positions wait in pinned host memory until ``U`` and regrow as they are): the same indices,
+  without the window's GPU memory (8 B per candidate) and its sddmm work.
 - MA: after step ``U``: drop + regrow the top positions of ``outer(row, col)`` of the SM3 accumulators,
   excluding the active indices (``spiel.ops.topk_outer``, never out x in).
 
@@ -80,6 +83,15 @@ def _strip(name: str) -> str:
     return name
 
 
+def _indices_guard(layer) -> tuple:
+    """What identifies a layer's current index set without reading it: its indices tensor and version."""
+    return weakref.ref(layer.indices), layer.indices._version
+
+
+def _same_indices(guard: tuple, layer) -> bool:
+    return guard[0]() is layer.indices and guard[1] == layer.indices._version
+
+
 def _scale_of(scaler) -> Optional[torch.Tensor]:
     """The GradScaler's current scale as a tensor, without a host sync (None when no scaling)."""
     if scaler is None or not scaler.is_enabled():
@@ -142,7 +154,8 @@ class SpielScheduler:
             1 <= gamma < S).
         drop_fraction: fraction of each layer's k dropped (and regrown) at the first update (default 0.2),
             decaying per ``schedule`` ("linear" default, "cosine", or "constant").
-        candidates_per_slot: AG: candidates per regrown index (default 1).
+        candidates_per_slot: AG: candidates per regrown index (default 1: exactly n, so they are deferred to the
+            update in host memory instead of being installed and accumulated; see the module docstring).
         block_elements: AG: dense-gradient elements formed at once by the candidate probe (rows of
             ``block_elements // in_features``; default 2**26, a 128 MiB transient during the probe's backward
             with bf16/fp16 activations on CUDA (256 MiB in fp32): one block per 7B-sized layer, 2.5x faster
@@ -204,6 +217,7 @@ class SpielScheduler:
         self._armed: Dict[str, int] = {}  # layer name -> number of candidates wanted
         self._probe_results: Dict[str, tuple] = {}
         self._window: Optional[dict] = None  # installed candidates: update step, names, accumulators
+        self._deferred: Optional[dict] = None  # candidates_per_slot=1: update step, names, host positions, guards
         self._scale: Optional[torch.Tensor] = None
         self.last_update: Dict[str, int] = {}  # layer name -> indices replaced at the last update
         self._maybe_arm()
@@ -257,14 +271,15 @@ class SpielScheduler:
             self._install()
         if self.is_update_step(t):
             self._update(t)
-        elif self._window is not None and self._window["update"] <= t:
+        elif any(w is not None and w["update"] <= t for w in (self._window, self._deferred)):
             self._clear_window()
         self._maybe_arm()
         self._scale = _scale_of(self.grad_scaler) if self._window is not None else None
 
     # ---------------------------------------------------------------------------------------- AG: probe
     def _maybe_arm(self) -> None:
-        if self.mode != "ag" or self._armed_for is not None or self._window is not None:
+        if self.mode != "ag" or self._armed_for is not None or self._window is not None \
+                or self._deferred is not None:
             return
         update = self.step_count + 1 + self.accumulation_steps
         if not self.is_update_step(update):
@@ -340,6 +355,9 @@ class SpielScheduler:
             for name in names:
                 if name in results:
                     chosen[name] = results[name][0]
+        if self.candidates_per_slot == 1:
+            self._defer(update, [(name, chosen[name]) for name in names if name in chosen and chosen[name].numel()])
+            return
         win_names, accs, replan = [], [], []
         for name in names:
             if name not in chosen or chosen[name].numel() == 0:
@@ -358,6 +376,27 @@ class SpielScheduler:
             accs.append(self._accumulator(layer))
         rebuild_plans(replan)  # one host read for every layer that had a plan
         self._window = {"update": update, "names": win_names, "accs": accs} if win_names else None
+
+    def _defer(self, update: int, chosen) -> None:
+        """Keep ``(name, positions)`` until ``update`` without installing them: each layer regrows exactly its
+        positions then (n = c, so accumulated gradients could not reorder them). On CUDA the positions move to
+        pinned host memory (an async copy: no sync, no GPU memory during the gamma steps). Each layer's indices
+        tensor and version are recorded: if its indices change before ``update`` the layer is skipped, as a
+        layer whose installed candidates were cleared is."""
+        names, positions, guards, ready = [], [], [], None
+        for name, pos in chosen:
+            layer = self._by_name[name]
+            if pos.is_cuda:
+                host = torch.empty(pos.shape, dtype=pos.dtype, pin_memory=True)
+                host.copy_(pos, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()  # after the last copy (one stream): waited on by the update and state_dict
+                pos = host
+            names.append(name)
+            positions.append(pos)
+            guards.append(_indices_guard(layer))
+        self._deferred = {"update": update, "names": names, "positions": positions, "guards": guards,
+                          "ready": ready} if names else None
 
     def _accumulator(self, layer) -> torch.Tensor:
         """The fp32 accumulator of a layer's candidate gradients. Without a GradScaler it is the candidates'
@@ -394,8 +433,9 @@ class SpielScheduler:
             torch._foreach_zero_(grads)
 
     def _clear_window(self, keep_plan_of=()) -> None:
-        """Clear the installed candidates; layers named in ``keep_plan_of`` get ``set_indices`` right after, so
-        their sddmm plan is not rebuilt here."""
+        """Clear the installed (and the deferred) candidates; layers named in ``keep_plan_of`` get
+        ``set_indices`` right after, so their sddmm plan is not rebuilt here."""
+        self._deferred = None
         if self._window is not None:
             stale = []
             for name in self._window["names"]:
@@ -418,7 +458,20 @@ class SpielScheduler:
         and n are handled by a fixed number of launches, with no host sync per layer."""
         self.last_update = {}
         todo = []  # (name, layer, regrown positions: [n] int64 ascending)
-        if self.mode == "ag":
+        if self.mode == "ag" and self._deferred is not None:
+            deferred = self._deferred
+            self._deferred = None
+            if deferred["update"] == t:
+                if deferred["ready"] is not None:
+                    torch.cuda.current_stream().wait_event(deferred["ready"])  # the copies to host are done
+                for name, pos, guard in zip(deferred["names"], deferred["positions"], deferred["guards"]):
+                    layer = self._by_name[name]
+                    # n == c unless the indices changed behind our back (then the positions may be active)
+                    if _same_indices(guard, layer) and self.num_regrow(layer, t) == pos.numel():
+                        todo.append((name, layer, pos.to(device=layer.indices.device, dtype=torch.int64,
+                                                          non_blocking=True)))
+            self._clear_window()
+        elif self.mode == "ag":
             win = self._window
             if win is None or win["update"] != t:
                 self._clear_window()
@@ -502,7 +555,13 @@ class SpielScheduler:
         """Step count, hyperparameters and pending AG candidates with their accumulated gradients (the
         indices themselves live in the model's state_dict)."""
         window = None
-        if self._window is not None:
+        if self._deferred is not None:  # positions only ("accs" None): regrown as they are at "update"
+            d = self._deferred
+            if d["ready"] is not None:
+                d["ready"].synchronize()  # the positions' copies to host have landed
+            window = {"update": d["update"], "names": list(d["names"]),
+                      "candidates": [p.clone() for p in d["positions"]], "accs": None}
+        elif self._window is not None:
             live = [(n, self._by_name[n].candidates, a) for n, a in zip(self._window["names"], self._window["accs"])
                     if getattr(self._by_name[n], "candidates", None) is not None]
             window = {"update": self._window["update"], "names": [n for n, _, _ in live],
@@ -536,20 +595,29 @@ class SpielScheduler:
             lookup = {_strip(n): layer for n, layer in self.layers}
             saved_names = names or window["names"]
             positional = {_strip(s): self.layers[i][0] for i, s in enumerate(saved_names)} if names else {}
-            win_names, accs = [], []
-            for name, cand, acc in zip(window["names"], window["candidates"], window["accs"]):
+
+            def resolve(name):
                 key = _strip(name)
                 layer = lookup.get(key)
                 if layer is None and key in positional:
                     layer = self._by_name[positional[key]]
                 if layer is None:
                     raise ValueError(f"state_dict has candidates for unknown layer {name!r}")
-                layer.set_candidates(cand.to(layer.indices.device))
-                win_names.append(self._by_id[id(layer)][0])
-                mine = self._accumulator(layer)
-                mine.copy_(acc.to(device=mine.device, dtype=torch.float32))
-                accs.append(mine)
-            self._window = {"update": int(window["update"]), "names": win_names, "accs": accs}
+                return layer
+
+            if window.get("accs") is None:  # deferred candidates (candidates_per_slot=1)
+                self._defer(int(window["update"]), [(self._by_id[id(resolve(name))][0], cand)
+                                                    for name, cand in zip(window["names"], window["candidates"])])
+            else:
+                win_names, accs = [], []
+                for name, cand, acc in zip(window["names"], window["candidates"], window["accs"]):
+                    layer = resolve(name)
+                    layer.set_candidates(cand.to(layer.indices.device))
+                    win_names.append(self._by_id[id(layer)][0])
+                    mine = self._accumulator(layer)
+                    mine.copy_(acc.to(device=mine.device, dtype=torch.float32))
+                    accs.append(mine)
+                self._window = {"update": int(window["update"]), "names": win_names, "accs": accs}
         scale = state.get("scale")
         self._scale = None if scale is None else scale.clone()
         self._maybe_arm()

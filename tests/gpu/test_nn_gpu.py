@@ -292,3 +292,57 @@ def test_train_merged_matches_unmerged_cuda(backend, dtype):
         assert torch.equal(a(x), b(x))
         b.unmerge_()
         assert torch.equal(b.weight, original)
+
+
+@pytest.mark.parametrize("stop", [3, 4])  # after the probe (positions deferred), inside the window
+def test_ag_deferred_candidates_cuda_pinned_and_resume(stop):
+    """candidates_per_slot=1 on CUDA: the probe's positions go to pinned host memory by an async copy (no
+    candidates installed on the layers), regrow at the update, and a checkpoint taken while they are pending
+    resumes bit-identically (state_dict waits for the copies)."""
+    import io
+
+    from spiel.optim import SparseAdamW
+    from spiel.scheduler import SpielScheduler
+
+    def build(seed):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        net = nn.Sequential(SparseDeltaLinear(96, 80, num_deltas=300, generator=g), nn.Tanh(),
+                            SparseDeltaLinear(80, 24, num_deltas=120, generator=g)).to(DEV)
+        opt = SparseAdamW(net, lr=0.05)
+        sched = SpielScheduler(net, opt, "ag", total_steps=40, reselection_steps=6, accumulation_steps=3,
+                               drop_fraction=0.4)
+        return net, opt, sched
+
+    def train(net, opt, sched, steps, seen=None):
+        for s in steps:
+            gx = torch.Generator(device=DEV).manual_seed(100 + s)
+            x = torch.randn(32, 96, device=DEV, generator=gx)
+            net(x).pow(2).mean().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            if seen is not None and sched._deferred is not None:
+                seen.append([p.is_pinned() and p.device.type == "cpu" for p in sched._deferred["positions"]]
+                            + [m.candidates is None for m in (net[0], net[2])])
+
+    net, opt, sched = build(0)
+    seen = []
+    train(net, opt, sched, range(14), seen)
+    assert seen and all(all(row) for row in seen)
+    ref = [net[0].indices.clone(), net[2].indices.clone()]
+    assert sched.last_update  # the second update (step 12) regrew
+
+    net1, opt1, sched1 = build(0)
+    train(net1, opt1, sched1, range(stop))
+    assert sched1._deferred is not None
+    buf = io.BytesIO()
+    torch.save({"model": net1.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    net2, opt2, sched2 = build(1)
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    train(net2, opt2, sched2, range(stop, 14))
+    assert torch.equal(net2[0].indices, ref[0]) and torch.equal(net2[2].indices, ref[1])
