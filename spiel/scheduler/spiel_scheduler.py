@@ -383,18 +383,21 @@ class SpielScheduler:
         pinned host memory (an async copy: no sync, no GPU memory during the gamma steps). Each layer's indices
         tensor and version are recorded: if its indices change before ``update`` the layer is skipped, as a
         layer whose installed candidates were cleared is."""
-        names, positions, guards, ready = [], [], [], None
+        names, positions, guards, copied = [], [], [], False
         for name, pos in chosen:
             layer = self._by_name[name]
             if pos.is_cuda:
                 host = torch.empty(pos.shape, dtype=pos.dtype, pin_memory=True)
                 host.copy_(pos, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()  # after the last copy (one stream): waited on by the update and state_dict
                 pos = host
+                copied = True
             names.append(name)
             positions.append(pos)
             guards.append(_indices_guard(layer))
+        ready = None
+        if copied:  # after the last copy (one stream): waited on by the update and by state_dict
+            ready = torch.cuda.Event()
+            ready.record()
         self._deferred = {"update": update, "names": names, "positions": positions, "guards": guards,
                           "ready": ready} if names else None
 
