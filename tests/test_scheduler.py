@@ -278,7 +278,7 @@ def _unrecorded(fn):
 def test_index_update_memory_is_o_k_plus_block(mode, monkeypatch):
     from spiel.ops.backends import sddmm_plan as P
 
-    monkeypatch.setattr(P, "build_plan", _unrecorded(P.build_plan))
+    monkeypatch.setattr(P, "build_plans", _unrecorded(P.build_plans))
     monkeypatch.setattr(P, "balance_plans", _unrecorded(P.balance_plans))
     torch.manual_seed(0)
     out_f, in_f, k, block = 256, 128, 300, 2048

@@ -387,7 +387,7 @@ class _SyncCounter(TorchDispatchMode):
             monkeypatch.setattr(torch.Tensor, method, wrapped)
         # plan builds (one read-back each, per layer whose plan is needed) are not counted; the plan decisions
         # (needs_plan_many: one read-back per batch of layers) are
-        for fn_name in ("build_plan",):
+        for fn_name in ("build_plans",):
             original_fn = getattr(plan_module, fn_name)
 
             def uncounted(*a, _original=original_fn, **kw):
@@ -489,7 +489,7 @@ def test_cuda_index_update_syncs(mode, monkeypatch):
     opt = SparseAdamW(model, lr=0.05) if mode == "ag" else SM3(model, lr=0.05)
     sched = SpielScheduler(model, opt, mode, total_steps=100, reselection_steps=4, accumulation_steps=2,
                            drop_fraction=0.3)
-    for fn_name in ("build_plan", "needs_plan_many"):  # the plan decisions and builds read back a few counts
+    for fn_name in ("build_plans", "needs_plan_many"):  # the plan decisions and builds read back a few counts
         original_fn = getattr(plan_module, fn_name)
 
         def unchecked(*a, _original=original_fn, **kw):

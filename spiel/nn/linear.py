@@ -734,7 +734,8 @@ class SparseDeltaLinear(nn.Linear):
 @torch.no_grad()
 def rebuild_sddmm_plans(layers) -> None:
     """Rebuild the ``sddmm_plan`` of each :class:`SparseDeltaLinear` in ``layers`` for its indices (plus its
-    candidates while set), deciding for all of them with one device-to-host read (``needs_plan_many``).
+    candidates while set): which layers need one is decided for all of them with one device-to-host read
+    (``needs_plan_many``), and those plans are built together with one more (``sddmm_plan.build_plans``).
 
     Where both GPU backends would run the vendor GEMM over row bands (``sddmm`` without a plan runs exactly
     that) the layer keeps no plan: ~3 int32 per delta saved and the build (the bulk of an index update at
@@ -745,15 +746,14 @@ def rebuild_sddmm_plans(layers) -> None:
     plan_indices = [layer._plan_indices() for layer in layers]
     needed = _plan.needs_plan_many([(idx, layer.out_features, layer.in_features)
                                     for idx, layer in zip(plan_indices, layers)])
-    built = []
-    for layer, idx, need in zip(layers, plan_indices, needed):
-        # the plans' bank-conflict balancing runs for all of them at once below (a fixed number of launches,
-        # not ~1300 aten ops per plan)
-        layer.sddmm_plan = (_plan.build_plan(idx.contiguous(), layer.out_features, layer.in_features, balance=False)
-                            if need else None)
-        if need:
-            built.append((layer.sddmm_plan, idx, layer.out_features, layer.in_features))
-    _plan.balance_plans(built)
+    todo = [(layer, idx.contiguous()) for layer, idx, need in zip(layers, plan_indices, needed) if need]
+    # built together: batched over layers of one shape and k, one host read, one bank-conflict balancing pass
+    plans = _plan.build_plans([(idx, layer.out_features, layer.in_features) for layer, idx in todo])
+    for layer, need in zip(layers, needed):
+        if not need:
+            layer.sddmm_plan = None
+    for (layer, _), plan in zip(todo, plans):
+        layer.sddmm_plan = plan
 
 
 @torch.no_grad()

@@ -126,3 +126,21 @@ def test_dense_blas_bands(backend):
         pytest.skip("spiel._C not built")
     kernel = _triton_kernel("dense_blas") if backend == "triton" else _cuda_kernel("dense_blas")
     check_kernel(kernel, DEV, cases=BAND_CASES, pairs=[(torch.bfloat16, torch.int32), (torch.float32, torch.int64)])
+
+
+def test_batched_plan_build_equals_single_builds_cuda():
+    """``sddmm_plan.build_plans`` on CUDA tensors (batched sorts and scatters, one read-back) gives the plans of
+    the single-plan build it replaced, element for element, balanced or not."""
+    from tests.plan_reference import build_plan_reference
+    from tests.test_sddmm_plan_batched import CASES as PLAN_CASES
+
+    items = [(idx.to(DEV), o, i) for _, o, i, idx in PLAN_CASES]
+    g = torch.Generator(device=DEV).manual_seed(3)
+    for o, i, d in ((4096, 4096, 0.001), (1100, 4096, 0.001), (4096, 1100, 0.01)):
+        for _ in range(3):  # batched layers of one shape and k
+            items.append((torch.randperm(o * i, device=DEV, generator=g)[: int(o * i * d)].sort().values.int(), o, i))
+    for balance in (False, True):
+        got = P.build_plans(items, balance=balance)
+        for (idx, o, i), plan in zip(items, got):
+            assert plan.device.type == "cuda"
+            assert torch.equal(plan, build_plan_reference(idx, o, i, balance=balance)), (o, i, idx.numel())

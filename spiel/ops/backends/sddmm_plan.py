@@ -386,35 +386,39 @@ def plan_stats(plan: torch.Tensor, k: int, out_features: int, in_features: int) 
 # ---------------------------------------------------------------------------------------------------------
 # building
 # ---------------------------------------------------------------------------------------------------------
-def _group(keys_sorted_tile: torch.Tensor, nt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From the tile id of each entry in sorted order: (tile_list [nt], tile_ptr [nt+1], tile_slot [nt], count)."""
-    dev = keys_sorted_tile.device
-    k = keys_sorted_tile.numel()
-    pos = torch.arange(k, device=dev)
-    start = torch.ones(k, dtype=torch.bool, device=dev)
-    if k > 1:
-        start[1:] = keys_sorted_tile[1:] != keys_sorted_tile[:-1]
-    slot = torch.cumsum(start.to(torch.int64), 0) - 1
-    count = slot[-1:] + 1 if k else torch.zeros(1, dtype=torch.int64, device=dev)
-    dummy = torch.full_like(slot, nt + 1)
-    where = torch.where(start, slot, dummy)
-    tile_list = torch.zeros(nt + 2, dtype=torch.int64, device=dev).scatter_(0, where, keys_sorted_tile)[:nt]
-    tile_ptr = torch.full((nt + 2,), k, dtype=torch.int64, device=dev).scatter_(0, where, pos)[:nt + 1]
-    slot_of = torch.full((nt + 1,), -1, dtype=torch.int64, device=dev)
-    slot_of.scatter_(0, torch.where(start, keys_sorted_tile, torch.full_like(slot, nt)), slot)
-    return tile_list, tile_ptr, slot_of[:nt], count
+def _group_rows(tid: torch.Tensor, nt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``tid`` [L, k] (the tile id of each entry, in sorted order): (tile_list [L, nt], tile_ptr
+    [L, nt + 1], tile_slot [L, nt], count [L]) -- the non-empty tiles in order, their entry offsets (padded with
+    k) and the tile -> slot map (-1: empty)."""
+    L, k = tid.shape
+    dev = tid.device
+    pos = torch.arange(k, device=dev).expand(L, k)
+    start = torch.ones(L, k, dtype=torch.bool, device=dev)
+    start[:, 1:] = tid[:, 1:] != tid[:, :-1]
+    slot = torch.cumsum(start, 1) - 1
+    count = slot[:, -1] + 1 if k else torch.zeros(L, dtype=torch.int64, device=dev)
+    # positions that start no tile write to a dummy slot past the end, cut off below
+    where = torch.where(start, slot, nt + 1)
+    tile_list = torch.zeros(L, nt + 2, dtype=torch.int64, device=dev).scatter_(1, where, tid)[:, :nt]
+    tile_ptr = torch.full((L, nt + 2), k, dtype=torch.int64, device=dev).scatter_(1, where, pos)[:, :nt + 1]
+    slot_of = torch.full((L, nt + 1), -1, dtype=torch.int64, device=dev)
+    slot_of.scatter_(1, torch.where(start, tid, nt), slot)
+    return tile_list, tile_ptr, slot_of[:, :nt], count
 
 
-def _used(idx: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(list [n] of used values ascending padded with 0, rank map [n] (value -> rank), count [1])."""
-    dev = idx.device
-    present = torch.zeros(n + 1, dtype=torch.int64, device=dev)
-    present.scatter_(0, idx, torch.ones_like(idx))
-    present = present[:n]
-    rank = torch.cumsum(present, 0) - 1
-    count = present.sum().reshape(1)
-    where = torch.where(present.bool(), rank, torch.full_like(rank, n))
-    lst = torch.zeros(n + 1, dtype=torch.int64, device=dev).scatter_(0, where, torch.arange(n, device=dev))[:n]
+def _used_rows(v: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``v`` [L, k] (values in [0, n)): (used values ascending padded with 0 [L, n], rank map
+    value -> rank [L, n], count [L])."""
+    L = v.shape[0]
+    dev = v.device
+    present = torch.zeros(L, n + 1, dtype=torch.int64, device=dev)
+    present.scatter_(1, v, 1)
+    present = present[:, :n]
+    rank = torch.cumsum(present, 1) - 1
+    count = present.sum(1)
+    where = torch.where(present.bool(), rank, n)
+    lst = torch.zeros(L, n + 1, dtype=torch.int64, device=dev).scatter_(
+        1, where, torch.arange(n, device=dev).expand(L, n))[:, :n]
     return lst, rank.clamp(min=0), count
 
 
@@ -546,6 +550,11 @@ def balance_plans(entries: Sequence[Tuple[torch.Tensor, torch.Tensor, int, int]]
             plan.narrow(0, off, n).copy_(new)
 
 
+#: Most index entries (L * k) one batched group of :func:`build_plans` works on: bounds its temporaries (~15 int64
+#: per entry at once, ~250 MiB at 2**21) below the drop's batch of an index update.
+PLAN_BATCH_ELEMENTS = 1 << 21
+
+
 def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, triton: Optional[str] = None,
                cuda: Optional[str] = None, compaction: bool = True, T_hint: int = 4096,
                balance: bool = True) -> torch.Tensor:
@@ -554,121 +563,167 @@ def build_plan(indices: torch.Tensor, out_features: int, in_features: int, *, tr
 
     ``triton`` / ``cuda`` force that backend's strategy; ``compaction=False`` disables compaction;
     ``balance=False`` leaves ``sperm`` in row-major order, for a caller that balances many plans at once
-    (:func:`balance_plans`)."""
-    out_features, in_features = int(out_features), int(in_features)
-    dev = indices.device
-    k = indices.numel()
-    if k >= 2**31 - 1:
-        raise ValueError("sddmm plan: more than 2**31 - 2 indices")
+    (:func:`balance_plans`). :func:`build_plans` builds many at once."""
+    return build_plans([(indices, out_features, in_features)], triton=triton, cuda=cuda, compaction=compaction,
+                       T_hint=T_hint, balance=balance)[0]
+
+
+@torch.no_grad()
+def build_plans(items: Sequence[Tuple[torch.Tensor, int, int]], *, triton: Optional[str] = None,
+                cuda: Optional[str] = None, compaction: bool = True, T_hint: int = 4096,
+                balance: bool = True) -> List[torch.Tensor]:
+    """:func:`build_plan` of every ``(indices, out_features, in_features)``: the index sets of one device, shape, k
+    and dtype are sorted, grouped and counted together as [L, k] batches (of at most
+    :data:`PLAN_BATCH_ELEMENTS` entries), and the counts that decide the strategies are read back with one
+    device-to-host copy per device. An index update of 224 layers at 0.1% density then runs a few hundred
+    launches instead of ~200 per layer, each layer's build having waited for the GPU. Only the layers that
+    compaction applies to (their used rows or columns at most half the side) take a few launches of their own."""
     for name in (triton, cuda):
         if name is not None and name not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
-    lay = layout(k, out_features, in_features)
+    groups: Dict[tuple, List[int]] = defaultdict(list)
+    for i, (indices, out_f, in_f) in enumerate(items):
+        if indices.numel() >= 2**31 - 1:
+            raise ValueError("sddmm plan: more than 2**31 - 2 indices")
+        groups[(indices.device, int(out_f), int(in_f), indices.numel(), indices.dtype)].append(i)
+    parts = []  # (members, out_f, in_f, k, batched tensors, counts [L, 5])
+    for (dev, out_f, in_f, k, _), members in groups.items():
+        per = max(1, PLAN_BATCH_ELEMENTS // max(k, 1))
+        for s0 in range(0, len(members), per):
+            chunk = members[s0:s0 + per]
+            idx = torch.stack([items[i][0].reshape(-1) for i in chunk]).to(torch.int64)
+            parts.append((chunk, out_f, in_f, k) + _plan_rows(idx, out_f, in_f))
+    # the one sync per device: the counts that decide the strategies and the compaction levels
+    host: Dict[int, List[int]] = {}
+    by_device: Dict[torch.device, list] = defaultdict(list)
+    for part in parts:
+        by_device[part[4]["perm"].device].append(part)
+    for plist in by_device.values():
+        counts = torch.cat([p[-1] for p in plist]).tolist()
+        host.update(zip([i for p in plist for i in p[0]], counts))
+    plans: List[Optional[torch.Tensor]] = [None] * len(items)
+    for chunk, out_f, in_f, k, t, _ in parts:
+        built = _assemble(t, [host[i] for i in chunk], out_f, in_f, k, triton, cuda, compaction, T_hint)
+        for i, plan in zip(chunk, built):
+            plans[i] = plan
+    if balance:
+        balance_plans([(plan, indices, int(out_f), int(in_f)) for plan, (indices, out_f, in_f) in zip(plans, items)])
+    return plans
+
+
+def _plan_rows(idx: torch.Tensor, out_features: int, in_features: int):
+    """The plan sections of L index sets of one shape and k at once (``idx`` int64 [L, k]): a dict of [L, ...]
+    tensors and the counts [L, 5] (non-empty tiles, items, used rows, used columns, staged span)."""
+    L, k = idx.shape
+    dev = idx.device
     ntr, ntc = grid_dims(out_features, in_features)
     nt = ntr * ntc
     nsbc = _cdiv(ntc, SB)
+    wmax = layout(k, out_features, in_features)["items"][1] // 6
     i64 = torch.int64
-    idx = indices.reshape(-1).to(i64)
-    r = idx // in_features
+    r = torch.div(idx, in_features, rounding_mode="floor")
     c = idx - r * in_features
     tr, tc = r // TILE, c // TILE
     sb = (tr // SB) * nsbc + tc // SB
-    tile_in_sb = (tr % SB) * SB + tc % SB
-    local = (r % TILE) * TILE + c % TILE
-    key = (sb * (SB * SB) + tile_in_sb) * (TILE * TILE) + local
-    perm = torch.sort(key).indices if k else torch.zeros(0, dtype=i64, device=dev)
-    r_s, c_s = r[perm], c[perm]
-    tid_s = (r_s // TILE) * ntc + c_s // TILE
-    tile_list, tile_ptr, tile_slot, n_tiles = _group(tid_s, nt)
+    # entries sorted by (superblock, tile in superblock, row, col): unique keys, so any sort gives this order
+    key = ((sb * (SB * SB) + (tr % SB) * SB + tc % SB) * (TILE * TILE) + (r % TILE) * TILE + c % TILE)
+    del tr, tc
+    perm = torch.sort(key, dim=1).indices
+    del key
+    r_s, c_s = r.gather(1, perm), c.gather(1, perm)
+    tile_list, tile_ptr, tile_slot, n_tiles = _group_rows((r_s // TILE) * ntc + c_s // TILE, nt)
 
-    # sparse work items: split each superblock's run into chunks of <= E_MAX entries
-    wmax = lay["items"][1] // 6
-    pos = torch.arange(k, device=dev)
-    sb_s = sb[perm]
-    sb_start = torch.ones(k, dtype=torch.bool, device=dev)
-    if k > 1:
-        sb_start[1:] = sb_s[1:] != sb_s[:-1]
-    first = torch.cummax(torch.where(sb_start, pos, torch.zeros_like(pos)), 0).values if k else pos
-    item_start = sb_start | ((pos - first) % E_MAX == 0)
-    item = torch.cumsum(item_start.to(i64), 0) - 1
-    n_items = item[-1:] + 1 if k else torch.zeros(1, dtype=i64, device=dev)
-    items = torch.zeros(6, wmax, dtype=i64, device=dev)
+    # sparse work items: each superblock's run cut into chunks of <= E_MAX entries
+    pos = torch.arange(k, device=dev).expand(L, k)
+    sb_s = sb.gather(1, perm)
+    sb_start = torch.ones(L, k, dtype=torch.bool, device=dev)
+    sb_start[:, 1:] = sb_s[:, 1:] != sb_s[:, :-1]
+    first = torch.cummax(torch.where(sb_start, pos, 0), 1).values if k else pos
+    item = torch.cumsum(sb_start | ((pos - first) % E_MAX == 0), 1) - 1
+    n_items = item[:, -1] + 1 if k else torch.zeros(L, dtype=i64, device=dev)
     if k:
-        e_end = torch.zeros(wmax, dtype=i64, device=dev).scatter_reduce_(0, item, pos + 1, "amax", include_self=False)
-        e_begin = torch.zeros(wmax, dtype=i64, device=dev).scatter_reduce_(0, item, pos, "amin", include_self=False)
-        rmin = torch.zeros(wmax, dtype=i64, device=dev).scatter_reduce_(0, item, r_s, "amin", include_self=False)
-        rmax = torch.zeros(wmax, dtype=i64, device=dev).scatter_reduce_(0, item, r_s, "amax", include_self=False)
-        cmin = torch.zeros(wmax, dtype=i64, device=dev).scatter_reduce_(0, item, c_s, "amin", include_self=False)
-        cmax = torch.zeros(wmax, dtype=i64, device=dev).scatter_reduce_(0, item, c_s, "amax", include_self=False)
-        valid = torch.arange(wmax, device=dev) < n_items
-        nrows = torch.where(valid, rmax - rmin + 1, torch.zeros_like(rmax))
-        ncols = torch.where(valid, cmax - cmin + 1, torch.zeros_like(cmax))
-        items = torch.stack([e_begin, e_end, rmin, nrows, cmin, ncols])
-        span_sum = (nrows + ncols).sum().reshape(1)
+        def reduce(src, how):
+            return torch.zeros(L, wmax, dtype=i64, device=dev).scatter_reduce_(1, item, src, how, include_self=False)
+        e_end, e_begin = reduce(pos + 1, "amax"), reduce(pos, "amin")
+        rmin, rmax, cmin, cmax = reduce(r_s, "amin"), reduce(r_s, "amax"), reduce(c_s, "amin"), reduce(c_s, "amax")
+        valid = torch.arange(wmax, device=dev) < n_items[:, None]
+        nrows = torch.where(valid, rmax - rmin + 1, 0)
+        ncols = torch.where(valid, cmax - cmin + 1, 0)
+        items = torch.stack([e_begin, e_end, rmin, nrows, cmin, ncols], 1)      # [L, 6, wmax]
+        span_sum = (nrows + ncols).sum(1)
+        # row-major order inside each item (same item ranges): a CUDA sparse warp step (32 consecutive positions
+        # from the item start) then mostly shares a few grad_output rows (shared-memory broadcasts); its lanes
+        # are dealt to quarter-warps against bank conflicts afterwards (balance_plans)
+        sperm = perm.gather(1, torch.sort(item * (out_features * in_features) + idx.gather(1, perm), dim=1).indices)
     else:
-        span_sum = torch.zeros(1, dtype=i64, device=dev)
-    items = items.t().contiguous().reshape(-1)  # item-major: 6 ints per item
-    # row-major order inside each item (same item ranges): a CUDA sparse warp step (32 consecutive positions
-    # from the item start) then mostly shares a few grad_output rows (shared-memory broadcasts); its lanes are
-    # then dealt to quarter-warps against bank conflicts (balance_plans, at the end)
-    if k:
-        sperm = perm[torch.sort(item * (out_features * in_features) + idx[perm]).indices]
-    else:
+        items = torch.zeros(L, 6, wmax, dtype=i64, device=dev)
+        span_sum = torch.zeros(L, dtype=i64, device=dev)
         sperm = perm
+    items = items.transpose(1, 2).reshape(L, -1)  # item-major: 6 ints per item
+    rowlist, rowrank, n_r = _used_rows(r, out_features)
+    collist, colrank, n_c = _used_rows(c, in_features)
+    t = {"perm": perm, "sperm": sperm, "tile_list": tile_list, "tile_ptr": tile_ptr, "tile_slot": tile_slot,
+         "items": items, "rowlist": rowlist, "collist": collist, "rowrank": rowrank, "colrank": colrank, "r": r,
+         "c": c, "n_tiles": n_tiles, "n_items": n_items, "n_r": n_r, "n_c": n_c, "span_sum": span_sum}
+    return t, torch.stack([n_tiles, n_items, n_r, n_c, span_sum], 1)
 
-    rowlist, rowrank, n_r = _used(r, out_features)
-    collist, colrank, n_c = _used(c, in_features)
 
-    # the one sync: counts that decide the strategies and the compaction levels
-    st = torch.cat([n_tiles, n_items, n_r, n_c, span_sum]).tolist()
-    stats = {"n_tiles": st[0], "n_items": st[1], "nR": st[2], "nC": st[3], "span_sum": st[4]}
-    lr, lc = choose_levels(out_features, in_features, stats["nR"], stats["nC"]) if compaction else (0, 0)
-    if lr == 0:
-        rowlist = torch.arange(out_features, device=dev)
-        rowrank = rowlist
-    if lc == 0:
-        collist = torch.arange(in_features, device=dev)
-        colrank = collist
-    if lr or lc:
-        cr, cc = rowrank[r], colrank[c]
+def _assemble(t, counts: List[List[int]], out_features: int, in_features: int, k: int, triton, cuda,
+              compaction: bool, T_hint: int) -> List[torch.Tensor]:
+    """The plans of the L rows of :func:`_plan_rows`'s sections, with the host-side decisions (compaction levels,
+    strategy per backend) taken from each row's read-back ``counts``. Rows without compaction are cut from one
+    [L, base] int32 block (a copy and a cat each); compacted rows add their compact sections one by one."""
+    dev = t["perm"].device
+    i64 = torch.int64
+    L = len(counts)
+    nt = t["tile_slot"].shape[1]
+    ntc = grid_dims(out_features, in_features)[1]
+    decisions, header = [], []
+    for row, cnt in enumerate(counts):
+        stats = {"n_tiles": cnt[0], "n_items": cnt[1], "nR": cnt[2], "nC": cnt[3], "span_sum": cnt[4]}
+        lr, lc = choose_levels(out_features, in_features, stats["nR"], stats["nC"]) if compaction else (0, 0)
+        # with compaction: a bound for the model (no second sync), the tiles of the used compact rectangle
+        stats["n_ctiles"] = (min(_cdiv(max(stats["nR"], 1), TILE) * _cdiv(max(stats["nC"], 1), TILE), nt)
+                             if lr or lc else stats["n_tiles"])
+        choice = {be: forced or _pick(estimate_costs(T_hint, out_features, in_features, k, stats, be, lr, lc))
+                  for be, forced in (("triton", triton), ("cuda", cuda))}
+        decisions.append((lr, lc, encode(lr, lc, choice["triton"], choice["cuda"])))
+        h = [0] * HDR
+        h[H_MAGIC], h[H_K], h[H_OUT], h[H_IN] = MAGIC, k, out_features, in_features
+        h[H_NTILES], h[H_NITEMS], h[H_NR], h[H_NC], h[H_SPAN] = cnt[0], cnt[1], cnt[2], cnt[3], cnt[4]
+        h[H_NCTILES] = cnt[0]  # compacted rows: their compact tile count, written on the device below
+        h[H_LEVEL_R], h[H_LEVEL_C] = lr, lc
+        header.append(h)
+    headers = torch.tensor(header, dtype=i64)
+    headers = headers.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else headers.to(dev)
+    rows_ar = torch.arange(out_features, device=dev).expand(L, out_features)
+    cols_ar = torch.arange(in_features, device=dev).expand(L, in_features)
+    # the uncompacted layout of every row: compaction maps are identities, compact sections = the plain ones
+    block = torch.cat([headers, t["perm"], t["sperm"], t["tile_list"], t["tile_ptr"], t["tile_slot"], t["items"],
+                       rows_ar, cols_ar, rows_ar, cols_ar, t["perm"], t["tile_list"], t["tile_ptr"], t["tile_slot"]],
+                      1).to(torch.int32)
+    base = block.shape[1]
+    assert base == base_len(k, out_features, in_features)
+    pad = torch.zeros(N_CODES, dtype=torch.int32, device=dev)
+    plans = []
+    for row, (lr, lc, code) in enumerate(decisions):
+        if not (lr or lc):
+            plans.append(torch.cat([block[row], pad[:code]]))
+            continue
+        rowlist = t["rowlist"][row] if lr else rows_ar[0]
+        rowrank = t["rowrank"][row] if lr else rows_ar[0]
+        collist = t["collist"][row] if lc else cols_ar[0]
+        colrank = t["colrank"][row] if lc else cols_ar[0]
+        cr, cc = rowrank[t["r"][row]], colrank[t["c"][row]]
         ckey = ((cr // TILE) * ntc + cc // TILE) * (TILE * TILE) + (cr % TILE) * TILE + cc % TILE
         cperm = torch.sort(ckey).indices
-        ctid_s = ckey[cperm] // (TILE * TILE)
-        ctile_list, ctile_ptr, ctile_slot, n_ct = _group(ctid_s, nt)
-        # bound for the model (no second sync): tiles of the used compact rectangle
-        stats["n_ctiles"] = min(_cdiv(max(stats["nR"], 1), TILE) * _cdiv(max(stats["nC"], 1), TILE), nt)
-    else:
-        cperm, ctile_list, ctile_ptr, ctile_slot, n_ct = perm, tile_list, tile_ptr, tile_slot, n_tiles
-        stats["n_ctiles"] = stats["n_tiles"]
-
-    choice = {}
-    for be, forced in (("triton", triton), ("cuda", cuda)):
-        if forced is not None:
-            choice[be] = forced
-        else:
-            choice[be] = _pick(estimate_costs(T_hint, out_features, in_features, k, stats, be, lr, lc))
-    code = encode(lr, lc, choice["triton"], choice["cuda"])
-
-    header = torch.zeros(HDR, dtype=i64, device=dev)
-    header[H_MAGIC] = MAGIC
-    header[H_K] = k
-    header[H_OUT] = out_features
-    header[H_IN] = in_features
-    header[H_NTILES] = n_tiles[0]
-    header[H_NITEMS] = n_items[0]
-    header[H_NR] = n_r[0]
-    header[H_NC] = n_c[0]
-    header[H_NCTILES] = n_ct[0]
-    header[H_LEVEL_R] = lr
-    header[H_LEVEL_C] = lc
-    header[H_SPAN] = span_sum[0]
-    parts = [header, perm, sperm, tile_list, tile_ptr, tile_slot, items, rowlist, collist, rowrank, colrank, cperm,
-             ctile_list, ctile_ptr, ctile_slot, torch.zeros(code, dtype=i64, device=dev)]
-    plan = torch.cat([p.reshape(-1).to(i64) for p in parts]).to(torch.int32)
-    assert plan.numel() == lay["base"][0] + code
-    if balance:
-        balance_plans([(plan, indices, out_features, in_features)])
-    return plan
+        ctile_list, ctile_ptr, ctile_slot, n_ct = (v[0] for v in _group_rows((ckey[cperm] // (TILE * TILE))[None], nt))
+        head = headers[row].clone()
+        head[H_NCTILES] = n_ct
+        parts = [head, t["perm"][row], t["sperm"][row], t["tile_list"][row], t["tile_ptr"][row], t["tile_slot"][row],
+                 t["items"][row], rowlist, collist, rowrank, colrank, cperm, ctile_list, ctile_ptr, ctile_slot]
+        plans.append(torch.cat([torch.cat(parts).to(torch.int32), pad[:code]]))
+    return plans
 
 
 def cuda_sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, out_features: int,
