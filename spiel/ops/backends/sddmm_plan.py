@@ -575,9 +575,10 @@ def build_plans(items: Sequence[Tuple[torch.Tensor, int, int]], *, triton: Optio
     """:func:`build_plan` of every ``(indices, out_features, in_features)``: the index sets of one device, shape, k
     and dtype are sorted, grouped and counted together as [L, k] batches (of at most
     :data:`PLAN_BATCH_ELEMENTS` entries), and the counts that decide the strategies are read back with one
-    device-to-host copy per device. An index update of 224 layers at 0.1% density then runs a few hundred
-    launches instead of ~200 per layer, each layer's build having waited for the GPU. Only the layers that
-    compaction applies to (their used rows or columns at most half the side) take a few launches of their own."""
+    device-to-host copy per device. An index update of 224 layers then runs ~20 launches per layer instead of
+    ~200 and one read-back instead of one per layer (each a wait for the GPU). Only the layers that compaction
+    applies to (their used rows or columns at most half the side) take a few launches of their own. Memory: the
+    working set of one batch (~15 int64 per entry) plus the finished int32 sections of every plan."""
     for name in (triton, cuda):
         if name is not None and name not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
@@ -603,7 +604,8 @@ def build_plans(items: Sequence[Tuple[torch.Tensor, int, int]], *, triton: Optio
         host.update(zip([i for p in plist for i in p[0]], counts))
     plans: List[Optional[torch.Tensor]] = [None] * len(items)
     for chunk, out_f, in_f, k, t, _ in parts:
-        built = _assemble(t, [host[i] for i in chunk], out_f, in_f, k, triton, cuda, compaction, T_hint)
+        built = _assemble(t, [items[i][0] for i in chunk], [host[i] for i in chunk], out_f, in_f, k, triton, cuda,
+                          compaction, T_hint)
         for i, plan in zip(chunk, built):
             plans[i] = plan
     if balance:
@@ -662,19 +664,22 @@ def _plan_rows(idx: torch.Tensor, out_features: int, in_features: int):
     items = items.transpose(1, 2).reshape(L, -1)  # item-major: 6 ints per item
     rowlist, rowrank, n_r = _used_rows(r, out_features)
     collist, colrank, n_c = _used_rows(c, in_features)
-    t = {"perm": perm, "sperm": sperm, "tile_list": tile_list, "tile_ptr": tile_ptr, "tile_slot": tile_slot,
-         "items": items, "rowlist": rowlist, "collist": collist, "rowrank": rowrank, "colrank": colrank, "r": r,
-         "c": c, "n_tiles": n_tiles, "n_items": n_items, "n_r": n_r, "n_c": n_c, "span_sum": span_sum}
+    # kept until every group's counts are read back (one sync for all): the plan's int32, nothing per entry else
+    i32 = torch.int32
+    t = {"perm": perm.to(i32), "sperm": sperm.to(i32), "tile_list": tile_list.to(i32), "tile_ptr": tile_ptr.to(i32),
+         "tile_slot": tile_slot.to(i32), "items": items.to(i32), "rowlist": rowlist.to(i32),
+         "collist": collist.to(i32), "rowrank": rowrank.to(i32), "colrank": colrank.to(i32)}
     return t, torch.stack([n_tiles, n_items, n_r, n_c, span_sum], 1)
 
 
-def _assemble(t, counts: List[List[int]], out_features: int, in_features: int, k: int, triton, cuda,
-              compaction: bool, T_hint: int) -> List[torch.Tensor]:
-    """The plans of the L rows of :func:`_plan_rows`'s sections, with the host-side decisions (compaction levels,
-    strategy per backend) taken from each row's read-back ``counts``. Rows without compaction are cut from one
-    [L, base] int32 block (a copy and a cat each); compacted rows add their compact sections one by one."""
+def _assemble(t, indices: List[torch.Tensor], counts: List[List[int]], out_features: int, in_features: int, k: int,
+              triton, cuda, compaction: bool, T_hint: int) -> List[torch.Tensor]:
+    """The plans of the L rows of :func:`_plan_rows`'s sections (``indices``: each row's index set), with the
+    host-side decisions (compaction levels, strategy per backend) taken from each row's read-back ``counts``.
+    Rows without compaction are cut from one [L, base] int32 block (a cat each); compacted rows add their compact
+    sections one by one."""
     dev = t["perm"].device
-    i64 = torch.int64
+    i64, i32 = torch.int64, torch.int32
     L = len(counts)
     nt = t["tile_slot"].shape[1]
     ntc = grid_dims(out_features, in_features)[1]
@@ -694,17 +699,16 @@ def _assemble(t, counts: List[List[int]], out_features: int, in_features: int, k
         h[H_NCTILES] = cnt[0]  # compacted rows: their compact tile count, written on the device below
         h[H_LEVEL_R], h[H_LEVEL_C] = lr, lc
         header.append(h)
-    headers = torch.tensor(header, dtype=i64)
+    headers = torch.tensor(header, dtype=i32)
     headers = headers.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else headers.to(dev)
-    rows_ar = torch.arange(out_features, device=dev).expand(L, out_features)
-    cols_ar = torch.arange(in_features, device=dev).expand(L, in_features)
+    rows_ar = torch.arange(out_features, dtype=i32, device=dev).expand(L, out_features)
+    cols_ar = torch.arange(in_features, dtype=i32, device=dev).expand(L, in_features)
     # the uncompacted layout of every row: compaction maps are identities, compact sections = the plain ones
     block = torch.cat([headers, t["perm"], t["sperm"], t["tile_list"], t["tile_ptr"], t["tile_slot"], t["items"],
-                       rows_ar, cols_ar, rows_ar, cols_ar, t["perm"], t["tile_list"], t["tile_ptr"], t["tile_slot"]],
-                      1).to(torch.int32)
+                       rows_ar, cols_ar, rows_ar, cols_ar, t["perm"], t["tile_list"], t["tile_ptr"], t["tile_slot"]], 1)
     base = block.shape[1]
     assert base == base_len(k, out_features, in_features)
-    pad = torch.zeros(N_CODES, dtype=torch.int32, device=dev)
+    pad = torch.zeros(N_CODES, dtype=i32, device=dev)
     plans = []
     for row, (lr, lc, code) in enumerate(decisions):
         if not (lr or lc):
@@ -714,15 +718,17 @@ def _assemble(t, counts: List[List[int]], out_features: int, in_features: int, k
         rowrank = t["rowrank"][row] if lr else rows_ar[0]
         collist = t["collist"][row] if lc else cols_ar[0]
         colrank = t["colrank"][row] if lc else cols_ar[0]
-        cr, cc = rowrank[t["r"][row]], colrank[t["c"][row]]
+        idx = indices[row].reshape(-1).to(i64)
+        r = torch.div(idx, in_features, rounding_mode="floor")
+        cr, cc = rowrank.long()[r], colrank.long()[idx - r * in_features]
         ckey = ((cr // TILE) * ntc + cc // TILE) * (TILE * TILE) + (cr % TILE) * TILE + cc % TILE
         cperm = torch.sort(ckey).indices
-        ctile_list, ctile_ptr, ctile_slot, n_ct = (v[0] for v in _group_rows((ckey[cperm] // (TILE * TILE))[None], nt))
+        compact = _group_rows((ckey[cperm] // (TILE * TILE))[None], nt)
         head = headers[row].clone()
-        head[H_NCTILES] = n_ct
+        head[H_NCTILES] = compact[3][0]
         parts = [head, t["perm"][row], t["sperm"][row], t["tile_list"][row], t["tile_ptr"][row], t["tile_slot"][row],
-                 t["items"][row], rowlist, collist, rowrank, colrank, cperm, ctile_list, ctile_ptr, ctile_slot]
-        plans.append(torch.cat([torch.cat(parts).to(torch.int32), pad[:code]]))
+                 t["items"][row], rowlist, collist, rowrank, colrank, cperm.to(i32)] + [v[0].to(i32) for v in compact[:3]]
+        plans.append(torch.cat(parts + [pad[:code]]))
     return plans
 
 
