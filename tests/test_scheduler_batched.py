@@ -690,3 +690,31 @@ def test_drop_and_regrow_ops_do_not_grow_with_layers(optimizer, monkeypatch):
     # values of three dtypes and indices of two: a cast each per batch, not per layer
     assert compute40 <= compute4 + 4, counts
     assert all40 - all4 <= 2 * 36, counts
+
+
+def test_index_updates_build_unbalanced_plans_and_set_indices_balanced_ones():
+    """The scheduler's updates rebuild plans without the bank-conflict balancing (it costs more than it saves
+    over S steps); a user's set_indices builds the balanced plan."""
+    from spiel.ops.backends import sddmm_plan as P
+    from spiel.optim import SparseAdamW
+    from spiel.scheduler import SpielScheduler
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    layers = nn.ModuleList([SparseDeltaLinear(4096, 4096, num_deltas=16000, generator=g) for _ in range(2)])
+    assert all(layer.sddmm_plan is not None for layer in layers)  # 0.1%: the sparse strategy needs a plan
+    for layer in layers:
+        assert torch.equal(layer.sddmm_plan, P.build_plan(layer.indices, 4096, 4096))  # balanced
+    opt = SparseAdamW(layers, lr=0.01)
+    sched = SpielScheduler(layers, opt, "ag", total_steps=100, reselection_steps=3, accumulation_steps=1)
+    for _ in range(3):
+        x = torch.randn(4, 4096)
+        sum(layer(x).sum() for layer in layers).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert sched.last_update
+    for layer in layers:
+        unbalanced = P.build_plan(layer.indices, 4096, 4096, balance=False)
+        assert torch.equal(layer.sddmm_plan, unbalanced)
+        assert not torch.equal(unbalanced, P.build_plan(layer.indices, 4096, 4096))  # balancing moves lanes here
