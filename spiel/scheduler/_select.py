@@ -72,8 +72,9 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
         block_elements: the gradient is formed ``max(1, block_elements // in)`` rows at a time.
     Returns ``(positions int64 [k] ascending, |grad| fp32 [k])``, ties by the smaller position. Memory
     O(k + len(exclude) + block); no host sync. NaN gradients count as 0 (and +-inf as the largest float).
-    Why a rounded ranking is enough: these are candidates, whose exact gradients are then accumulated over the
-    AG window; rounding only reorders entries within one bf16 step (2**-8 relative) of each other.
+    Why a rounded ranking is enough: rounding only reorders entries within one bf16 step (2**-8 relative) of
+    each other, and with several candidates per slot their exact gradients are then accumulated over the AG
+    window (with one per slot, the default, this ranking decides which positions regrow).
     """
     if grad_output.dim() != 2 or input.dim() != 2 or grad_output.shape[0] != input.shape[0]:
         raise ValueError(f"grad_output [T, out] and input [T, in] must be 2-D with the same T, got "
