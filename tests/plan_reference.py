@@ -42,15 +42,10 @@ def _used(idx: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.
     return lst, rank.clamp(min=0), count
 
 
-def build_plan_reference(indices: torch.Tensor, out_features: int, in_features: int, *, triton: Optional[str] = None,
-               cuda: Optional[str] = None, compaction: bool = True, T_hint: int = 4096,
-               balance: bool = True) -> torch.Tensor:
-    """The plan for ``indices`` (unique, in range, any order). One device-to-host copy of a few counts (to
-    decide the strategies); call once per index update, never in forward/backward.
-
-    ``triton`` / ``cuda`` force that backend's strategy; ``compaction=False`` disables compaction;
-    ``balance=False`` leaves ``sperm`` in row-major order, for a caller that balances many plans at once
-    (:func:`balance_plans`)."""
+def build_plan_reference(indices: torch.Tensor, out_features: int, in_features: int, *,
+                         triton: Optional[str] = None, cuda: Optional[str] = None, compaction: bool = True,
+                         T_hint: int = 4096, balance: bool = True) -> torch.Tensor:
+    """``sddmm_plan.build_plan`` as of session 8 (one plan, one read-back), unchanged: same arguments."""
     out_features, in_features = int(out_features), int(in_features)
     dev = indices.device
     k = indices.numel()

@@ -463,7 +463,6 @@ class SpielScheduler:
         todo = []  # (name, layer, regrown positions: [n] int64 ascending)
         if self.mode == "ag" and self._deferred is not None:
             deferred = self._deferred
-            self._deferred = None
             if deferred["update"] == t:
                 if deferred["ready"] is not None:
                     torch.cuda.current_stream().wait_event(deferred["ready"])  # the copies to host are done
