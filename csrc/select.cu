@@ -6,7 +6,8 @@
 // position. The answer is the k positions of largest (key, -position), written in ascending position order
 // with their |x| (-inf for an excluded one, returned only when fewer than k others exist).
 //
-// Schedule (each pass streams x once; no host sync, no sort: one memset and five kernels):
+// Schedule (each pass streams x once; no host sync, no sort: one memset and five kernels; for bf16 / fp16 x the
+// third histogram pass returns at once unless the k-th key is 0 or 1, see hist_kernel):
 //   hist<0..2>  radix select over 11 + 11 + 10 bits of the key: a shared-memory histogram per CTA of the keys
 //               whose higher bits match the prefix chosen so far (each CTA also moves the excluded entries of
 //               its share of `exclude` from their key's bin to key 0's), merged into a global histogram; the
@@ -105,8 +106,18 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x,
                                                        int64_t exclude_offset, int k, int* __restrict__ ws) {
   constexpr int shift = pass_shift(PASS), bins = 1 << pass_bits(PASS), high = shift + pass_bits(PASS);
   __shared__ int hist[bins];
-  for (int i = threadIdx.x; i < bins; i += kThreads) hist[i] = 0;
   const uint32_t prefix = PASS == 0 ? 0u : static_cast<uint32_t>(ws[kPrefix]);
+  if constexpr (PASS == 2 && sizeof(T) == 2) {
+    // bf16 / fp16 keys have only their high 16 bits (+1): past key 1 every key that matches the prefix of
+    // passes 0-1 (bits 10-31) has bits 0-9 equal to 1, so this pass would find them all in bin 1. Keys 0
+    // (excluded) and 1 (NaN) differ only in bits 0-9: then the pass runs. CTAs read prefix bits 10-31 only,
+    // so block 0 setting bit 0 cannot change another CTA's decision; k, above and remaining stay as they are.
+    if ((prefix >> 10) != 0) {
+      if (blockIdx.x == 0 && threadIdx.x == 0) ws[kPrefix] = static_cast<int>(prefix | 1u);
+      return;
+    }
+  }
+  for (int i = threadIdx.x; i < bins; i += kThreads) hist[i] = 0;
   __syncthreads();
   auto matches = [&](uint32_t key) {
     if constexpr (PASS == 0) {
