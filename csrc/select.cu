@@ -31,7 +31,8 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;      // independent loads in flight per thread of the histogram passes
-constexpr int kWarpUnroll = 8;  // the same per lane of count/write (each warp walks its own range)
+constexpr int kWarpUnroll = 8;  // the same per lane of count/write (each warp walks its own range); even
+static_assert(kWarpUnroll % 2 == 0, "load_keys pairs the loads of 16-bit entries");
 constexpr int kSegment = 8192;  // entries per exclusion bitmap of a warp in count/write (1 KiB of shared memory)
 constexpr int kSegmentWords = kSegment / 32;
 constexpr int kMaxBins = 2048;
@@ -159,10 +160,43 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x,
   if (last_to_arrive(ws)) pick_bin<PASS>(ws, k);
 }
 
+__device__ __forceinline__ uint32_t key_of_bits(uint16_t bits, __nv_bfloat16*) {
+  return key_of(__ushort_as_bfloat16(bits));
+}
+__device__ __forceinline__ uint32_t key_of_bits(uint16_t bits, __half*) { return key_of(__ushort_as_half(bits)); }
+
 // Loads kWarpUnroll * 32 keys of a warp range starting at `base` (lane-interleaved: entry base + u * 32 + lane).
+// 16-bit x (base is even: ranges start at multiples of 32 * kWarpUnroll): each lane loads one 32-bit word of two
+// entries and two shuffles deal them out in the same lane order, half the load instructions of one entry per
+// lane, which left the bf16 count and write passes at 1.9x the fp32 ones per entry (session 10).
 template <typename T>
 __device__ __forceinline__ void load_keys(const T* __restrict__ x, int64_t base, int64_t end, int lane,
                                           uint32_t (&keys)[kWarpUnroll]) {
+  if constexpr (sizeof(T) == 2) {
+    if ((reinterpret_cast<uintptr_t>(x) & 3u) == 0) {
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
+#pragma unroll
+      for (int p = 0; p < kWarpUnroll / 2; ++p) {
+        const int64_t e = base + p * 64 + 2 * lane;  // this lane's word: entries e and e + 1
+        uint32_t word = 0;
+        if (e + 1 < end) {
+          word = *reinterpret_cast<const uint32_t*>(bits + e);
+        } else if (e < end) {
+          word = bits[e];
+        }
+        // entry base + 64p + l (key u = 2p) is half l & 1 of lane l / 2's word; entry + 32 (u = 2p + 1) of
+        // lane 16 + l / 2's
+        const uint32_t w0 = __shfl_sync(kFullMask, word, lane >> 1);
+        const uint32_t w1 = __shfl_sync(kFullMask, word, 16 + (lane >> 1));
+        const int shift = (lane & 1) * 16;
+        const int64_t i0 = base + p * 64 + lane;
+        keys[2 * p] = i0 < end ? key_of_bits(static_cast<uint16_t>(w0 >> shift), static_cast<T*>(nullptr)) : 0u;
+        keys[2 * p + 1] =
+            i0 + 32 < end ? key_of_bits(static_cast<uint16_t>(w1 >> shift), static_cast<T*>(nullptr)) : 0u;
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int u = 0; u < kWarpUnroll; ++u) {
     const int64_t i = base + u * 32 + lane;

@@ -107,3 +107,21 @@ def test_probe_bf16_blocks_rank_like_fp32():
     assert bool((dense[pos] >= threshold * (1 - 2.0 ** -7)).all())
     assert overlap > 0.97, overlap  # ~1.4k of 3.3M entries lie within a rounding step of the threshold
     torch.testing.assert_close(score, dense[pos].bfloat16().float(), rtol=2.0 ** -7, atol=0)
+
+
+def test_16bit_paired_and_unaligned_loads():
+    """16-bit x: the count and write passes load two entries per lane when x starts on a 4-byte boundary, one
+    otherwise (a view 2 bytes in); both exact, at odd lengths and with ties, zeros and exclusions."""
+    kernel = _cuda()
+    g = torch.Generator(device=DEV).manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        base = torch.randn(300_007, device=DEV, generator=g).to(dtype)
+        base[::7] = 0  # many equal keys (key 1) and ties at the threshold
+        base[5::11] = base[3::11][: base[5::11].numel()]
+        exclude = torch.randperm(300_000, device=DEV, generator=g)[:20_000].sort().values
+        for offset in (0, 1, 2, 3):
+            x = base[offset:]
+            for k in (1, 777, 100_000, x.numel() - 19_000):
+                got = kernel(x, k, exclude, 0)
+                want = oracle(x, k, exclude, 0)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, offset, k)
