@@ -109,9 +109,9 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x,
   __shared__ int hist[bins];
   const uint32_t prefix = PASS == 0 ? 0u : static_cast<uint32_t>(ws[kPrefix]);
   if constexpr (PASS == 2 && sizeof(T) == 2) {
-    // bf16 / fp16 keys have only their high 16 bits (+1): past key 1 every key that matches the prefix of
-    // passes 0-1 (bits 10-31) has bits 0-9 equal to 1, so this pass would find them all in bin 1. Keys 0
-    // (excluded) and 1 (NaN) differ only in bits 0-9: then the pass runs. CTAs read prefix bits 10-31 only,
+    // bf16 / fp16 values have at most 11 significant bits, so their keys end in 0...01 (bits 0-12): past key 1
+    // every key that matches the prefix of passes 0-1 (bits 10-31) has bits 0-9 equal to 1, and this pass would
+    // find them all in bin 1. Keys 0 (excluded) and 1 (zero or NaN) differ only in bit 0: then the pass runs. CTAs read prefix bits 10-31 only,
     // so block 0 setting bit 0 cannot change another CTA's decision; k, above and remaining stay as they are.
     if ((prefix >> 10) != 0) {
       if (blockIdx.x == 0 && threadIdx.x == 0) ws[kPrefix] = static_cast<int>(prefix | 1u);
