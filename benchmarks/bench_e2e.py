@@ -32,9 +32,11 @@ Providers:
   spiel-nf4      NF4 base + spiel.nn.inject (AG: SparseAdamW + SpielScheduler)
   spiel-nf4-ma-bf16  NF4 base + spiel.nn.inject with bf16 deltas (MA: SM3 + SpielScheduler(mode="ma"))
 Step time is averaged over a window of --steps steps (default 2 x reselection_steps = 40 for spiel, so the
-window holds the index updates) after a warm-up (one full reselection cycle for spiel); each step is also
-timed alone and classified as an update step (candidate probe / accumulation / reselection) or not, so the
-table reports the average with and without update steps.
+window holds the index updates) after a warm-up (one full reselection cycle for spiel). On CUDA the window runs
+without a sync between steps (its wall time per step is `ms/step`) and each step's own time comes from CUDA events
+at the step boundaries (`--sync-steps`: every step synchronised and timed alone); each step is classified as an
+update step (candidate probe / accumulation / reselection) or not, so the table reports the average with and
+without update steps.
 """
 from __future__ import annotations
 
