@@ -244,12 +244,24 @@ def spiel_optimizer_and_scheduler(model, mode: str, args, total_steps: int, lr: 
 
 
 class GcClock:
-    """Seconds spent in Python's cyclic GC (all generations) while it is installed (``gc.callbacks``)."""
+    """Seconds spent in Python's cyclic GC (all generations) inside the ``with`` block (``gc.callbacks``);
+    ``freeze=True`` also moves the objects alive at entry out of the collector's reach until exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, freeze: bool = False) -> None:
         self.total = 0.0
+        self.freeze = freeze
         self._start = None
+
+    def __enter__(self) -> "GcClock":
+        if self.freeze:
+            gc.freeze()
         gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+        if self.freeze:
+            gc.unfreeze()
 
     def _callback(self, phase, info) -> None:
         if phase == "start":
@@ -257,10 +269,6 @@ class GcClock:
         elif self._start is not None:
             self.total += time.perf_counter() - self._start
             self._start = None
-
-    def close(self) -> None:
-        if self._callback in gc.callbacks:
-            gc.callbacks.remove(self._callback)
 
 
 def layer_signature(layers):
@@ -370,13 +378,6 @@ def run_provider(name: str, args, device) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     static = torch.cuda.memory_allocated(device) if cuda else float("nan")
-    # Python's cyclic GC: a full collection walks every tracked object (~0.4M with transformers and a 7B model
-    # built: 0.1-0.3 s) and lands in whichever step allocates the object that triggers it. "freeze" (default,
-    # every provider alike) moves the objects alive after setup out of its reach, as long training loops do;
-    # the GC time inside the measured steps is reported either way.
-    if args.gc == "freeze":
-        gc.freeze()
-    gc_clock = GcClock()
 
     def step(i):
         ids = batches[i % len(batches)]
@@ -396,50 +397,52 @@ def run_provider(name: str, args, device) -> dict:
     # events recorded at the step boundaries on the stream (what the GPU timeline spends between them, host
     # stalls included). --sync-steps times every step alone instead (sessions 1-9). Warm-up steps: alone.
     pipelined = cuda and not args.sync_steps
-    times, flags, losses, warm_times, warm_flags, host_times, gc_times = [], [], [], [], [], [], []
-    events = []
-    window_t0 = None
-    for i in range(warmup + steps):
-        measured = i >= warmup
-        before = layer_signature(layers) if layers else None
-        if not (pipelined and measured) or i == warmup:
-            harness.sync(device)
-        if pipelined and measured:
-            if window_t0 is None:
-                window_t0 = time.perf_counter()
+    # Python's cyclic GC: a full collection walks every tracked object (~0.4M with transformers and a 7B model
+    # built: 0.1-0.3 s) and lands in whichever step allocates the object that triggers it. "freeze" (default,
+    # every provider alike) moves the objects alive after setup out of its reach, as long training loops do;
+    # the GC time inside the measured steps is reported either way.
+    with GcClock(freeze=args.gc == "freeze") as gc_clock:
+        times, flags, losses, warm_times, warm_flags, host_times, gc_times = [], [], [], [], [], [], []
+        events = []
+        window_t0 = None
+        for i in range(warmup + steps):
+            measured = i >= warmup
+            before = layer_signature(layers) if layers else None
+            if not (pipelined and measured) or i == warmup:
+                harness.sync(device)
+            if pipelined and measured:
+                if window_t0 is None:
+                    window_t0 = time.perf_counter()
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
+            gc_before = gc_clock.total
+            t = time.perf_counter()
+            loss = step(i)
+            # host time: until step() returns (it includes any wait on a full launch queue or a sync inside the
+            # step, so host ~ wall does not by itself prove a host-bound step; a large gap proves a GPU-bound one)
+            host_ms = (time.perf_counter() - t) * 1e3
+            if not (pipelined and measured):
+                harness.sync(device)
+            dt = (time.perf_counter() - t) * 1e3
+            flag = update_step(before, layer_signature(layers)) if layers else False
+            before = None
+            if measured:
+                times.append(dt)
+                host_times.append(host_ms)
+                gc_times.append((gc_clock.total - gc_before) * 1e3)
+                flags.append(flag)
+                losses.append(loss)
+            else:
+                warm_times.append(dt)
+                warm_flags.append(flag)
+        window_ms = None
+        if pipelined and events:
             events.append(torch.cuda.Event(enable_timing=True))
             events[-1].record()
-        gc_before = gc_clock.total
-        t = time.perf_counter()
-        loss = step(i)
-        # host time: until step() returns (it includes any wait on a full launch queue or a sync inside the
-        # step, so host ~ wall does not by itself prove a host-bound step; a large gap proves a GPU-bound one)
-        host_ms = (time.perf_counter() - t) * 1e3
-        if not (pipelined and measured):
             harness.sync(device)
-        dt = (time.perf_counter() - t) * 1e3
-        flag = update_step(before, layer_signature(layers)) if layers else False
-        before = None
-        if measured:
-            times.append(dt)
-            host_times.append(host_ms)
-            gc_times.append((gc_clock.total - gc_before) * 1e3)
-            flags.append(flag)
-            losses.append(loss)
-        else:
-            warm_times.append(dt)
-            warm_flags.append(flag)
-    window_ms = None
-    if pipelined and events:
-        events.append(torch.cuda.Event(enable_timing=True))
-        events[-1].record()
-        harness.sync(device)
-        window_ms = (time.perf_counter() - window_t0) * 1e3
-        times = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:])]
-    losses = [float(v) for v in losses]
-    gc_clock.close()
-    if args.gc == "freeze":
-        gc.unfreeze()
+            window_ms = (time.perf_counter() - window_t0) * 1e3
+            times = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:])]
+        losses = [float(v) for v in losses]
     peak = torch.cuda.max_memory_allocated(device) if cuda else float("nan")
     steady = [t for t, f in zip(times, flags) if not f]
     steady_host = [t for t, f in zip(host_times, flags) if not f]
