@@ -13,9 +13,11 @@ Environment switches:
 ``SPIEL_SKIP_CUDA_BUILD=1``
     Do not build ``spiel._C``: a pure-Python install using the PyTorch and Triton backends only.
 ``SPIEL_CUDA_ARCHS``
-    GPU architectures to compile for, ``;``- or ``,``-separated (default ``8.0;9.0``). ``X.Y`` gives
+    GPU architectures to compile for, ``;``- or ``,``-separated (default ``8.0;9.0a``). ``X.Y`` gives
     ``-gencode=arch=compute_XY,code=sm_XY``; an ``a`` suffix (``9.0a``) targets the architecture-specific
-    variant (``compute_90a``/``sm_90a``); a ``+PTX`` suffix also embeds PTX for newer GPUs.
+    variant (``compute_90a``/``sm_90a``); a ``+PTX`` suffix also embeds PTX for newer GPUs. ``9.0a`` (H100,
+    H200) builds the wgmma/TMA kernel of sddmm's dense_tile strategy; with plain ``9.0`` that strategy
+    runs the portable WMMA kernel.
 ``MAX_JOBS``
     Parallel compile jobs (ninja). Default: ``min(cpu cores, RAM in GiB / 4)``, at least 1 -- each nvcc job
     on a file including the torch headers can take several GiB.
@@ -39,7 +41,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 SOURCES_FILE = ROOT / "csrc" / "SOURCES"
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 
 
 def log(msg: str) -> None:
@@ -181,10 +183,13 @@ def cuda_extensions():
     nvcc_threads = os.environ.get("NVCC_THREADS", "1").strip() or "1"
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", f"--threads={int(nvcc_threads)}"]
     nvcc_flags += cuda_arch_flags(archs)
+    cxx_flags = ["-O3"]
+    if any(a.split("+")[0] == "9.0a" for a in archs):  # the sm90a kernels are compiled in
+        nvcc_flags.append("-DSPIEL_BUILD_SM90A")
+        cxx_flags.append("-DSPIEL_BUILD_SM90A")
     sources = read_sources()
     log(f"building spiel._C from {len(sources)} sources with CUDA_HOME={cuda_home}, archs {archs}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']}, NVCC_THREADS={nvcc_threads}")
-    cxx_flags = ["-O3"]
     for inc in _extra_include_dirs(cuda_home):  # searched after the toolkit's own include directory
         log(f"{cuda_home}/include has no cusparse.h: also searching {inc} (after the toolkit)")
         cxx_flags += ["-idirafter", inc]

@@ -32,5 +32,15 @@ TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
   m.impl("_cuda_select_topk_abs", &spiel::select_topk_abs_cuda);
 }
 
-// `import spiel._C` loads the library (and with it the registrations above).
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "spiel CUDA kernels (registered as torch ops)"; }
+// `import spiel._C` loads the library (and with it the registrations above). Host-side queries take no
+// tensors, so they are plain functions of the module rather than ops.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "spiel CUDA kernels (registered as torch ops)";
+  m.def("sddmm_wgmma_available", &spiel::sddmm_wgmma_available, pybind11::arg("device"),
+        "Whether sddmm's dense_tile strategy runs the sm90a wgmma kernel on this CUDA device.");
+#ifdef SPIEL_BUILD_SM90A
+  m.attr("built_sm90a") = true;  // compiled for 9.0a (the wgmma/TMA kernels are in)
+#else
+  m.attr("built_sm90a") = false;
+#endif
+}

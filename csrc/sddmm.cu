@@ -26,13 +26,17 @@
 // When T is split, partial sums go to part[s, position] and a reduce kernel sums them in increasing s:
 // deterministic (bit-identical across runs). fp32 inputs always take the sparse strategy (exact fp32
 // products; the tensor-core paths would round operands to TF32).
+#include <cudaTypedefs.h>
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <tuple>
 
 #include "common.cuh"
 #include "spiel.h"
+#include "sddmm_sm90.cuh"
 
 namespace spiel {
 namespace {
@@ -573,12 +577,191 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> dense_operands(const at::Tensor& 
   return {A.contiguous(), B.contiguous(), ur, uc};
 }
 
+// ---- sm90a: the wgmma dense-tile kernel (sddmm_sm90.cuh) ----
+// cuTensorMapEncodeTiled from the driver, looked up once (no libcuda link dependency)
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) ==
+            cudaSuccess &&
+        status == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  });
+  return fn;
+}
+
+// [T, width] 16-bit row-major operand as [64 tokens x 64 features] boxes with the 128-byte swizzle
+CUtensorMap operand_map(const at::Tensor& op) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(op.size(1)), static_cast<cuuint64_t>(op.size(0))};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(op.stride(0) * op.element_size())};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(sm90::kBoxElems), static_cast<cuuint32_t>(sm90::kBK)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(
+      &map, op.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+      op.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "sddmm: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  return map;
+}
+
+}  // namespace
+
+bool sddmm_wgmma_available(int64_t device) {
+#ifdef SPIEL_BUILD_SM90A
+  // asked on every dense_tile call: cached per device (cudaGetDeviceProperties would cost more than a kernel)
+  static std::atomic<int8_t> cache[64];  // 0 unknown, 1 yes, 2 no (zero-initialized: static storage)
+  if (device < 0 || device >= 64) return false;
+  const int8_t known = cache[device].load(std::memory_order_relaxed);
+  if (known != 0) return known == 1;
+  int major = 0, minor = 0;
+  const int d = static_cast<int>(device);
+  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d) == cudaSuccess &&
+            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d) == cudaSuccess;
+  if (!ok) (void)cudaGetLastError();
+  ok = ok && major == 9 && minor == 0 && tensor_map_encoder() != nullptr;
+  cache[device].store(ok ? 1 : 2, std::memory_order_relaxed);
+  return ok;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+namespace {
+
+// TMA needs 16-byte aligned bases and row pitches; the kernel takes 16-bit operands only
+bool wgmma_applies(const at::Tensor& A, const at::Tensor& B) {
+  const auto st = A.scalar_type();
+  if (st != at::kBFloat16 && st != at::kHalf) return false;
+  if (A.size(1) % 8 != 0 || B.size(1) % 8 != 0 || !is_aligned16(A.data_ptr()) || !is_aligned16(B.data_ptr()))
+    return false;
+  if (A.size(0) >= (int64_t(1) << 31) || A.size(1) >= (int64_t(1) << 31) || B.size(1) >= (int64_t(1) << 31))
+    return false;
+  return sddmm_wgmma_available(A.get_device());
+}
+
+// Clusters of the wgmma kernel resident at once (66 on an H100 SXM: every SM holds one CTA), asked once per
+// device: a persistent grid larger than this would run its last clusters after the others.
+int64_t wgmma_clusters(int device) {
+  static std::atomic<int> cache[64];
+  if (device < 0 || device >= 64) device = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  auto kern = sm90::sddmm_wgmma_kernel<__nv_bfloat16, int32_t, sm90::kCluster>;  // all instances: same resources
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(num_sms(device)));
+  config.blockDim = dim3(sm90::kThreads);
+  config.dynamicSmemBytes = sm90::kSmemBytes;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = sm90::kCluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  if (cudaOccupancyMaxActiveClusters(&n, kern, &config) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    n = std::max(1, num_sms(device) / sm90::kCluster);
+  }
+  cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+void run_dense_tile_wgmma(const at::Tensor& A, const at::Tensor& B, const at::Tensor& indices, const PlanView& pv,
+                          bool ur, bool uc, int64_t n_out, int64_t n_in, at::Tensor& out, cudaStream_t stream) {
+  const int64_t T = A.size(0), k = indices.numel();
+  const bool compact = ur || uc;
+  const int64_t n_tr = ceil_div(A.size(1), int64_t(sm90::kBM)), n_tc = ceil_div(B.size(1), int64_t(sm90::kBN));
+  // work in pairs of tile rows, one pair per cluster of two CTAs
+  constexpr int cl = sm90::kCluster;
+  const int64_t n_pairs = ceil_div(n_tr, int64_t(cl)) * n_tc;
+  TORCH_CHECK(n_pairs * 64 < (int64_t(1) << 31), "sddmm: too many tiles");
+  const int64_t clusters = wgmma_clusters(A.get_device());
+  int64_t S, t_split;
+  choose_splits(T, n_pairs, clusters, sm90::kBK, S, t_split);
+  // The last, partial wave of pairs (<= half the clusters) runs as two T halves each: e.g. 11008 x 4096 is
+  // 688 pairs = 10 waves of 66 + 28, which then take 10.5 waves' time instead of 11.
+  int64_t tail = 0, t_half = 0;
+  if (S == 1 && n_pairs > clusters && T >= 2 * sm90::kBK) {
+    const int64_t rem = n_pairs % clusters;
+    if (rem > 0 && 2 * rem <= clusters) {
+      tail = rem;
+      t_half = ceil_div(ceil_div(T, int64_t(2)), int64_t(sm90::kBK)) * sm90::kBK;
+    }
+  }
+  if (tail > 0) out.zero_();  // the halves add into it
+  at::Tensor part;
+  if (S > 1) part = at::empty({S * k}, A.options().dtype(at::kFloat));
+  const CUtensorMap map_a = operand_map(A), map_b = operand_map(B);
+  const int64_t units = (n_pairs - tail) * S + 2 * tail;
+  const int* perm = pv.at(compact ? pv.L.cperm : pv.L.perm);
+  SPIEL_DISPATCH_INDEX(indices.scalar_type(), I_, "sddmm indices", [&] {
+    sm90::Args<I_> args;
+    args.indices = indices.data_ptr<I_>();
+    args.perm = perm;
+    args.tile_ptr = pv.at(compact ? pv.L.ctile_ptr : pv.L.tile_ptr);
+    args.tile_slot = pv.at(compact ? pv.L.ctile_slot : pv.L.tile_slot);
+    args.rowmap = pv.at(pv.L.rowmap);
+    args.colmap = pv.at(pv.L.colmap);
+    args.use_rmap = ur;
+    args.use_cmap = uc;
+    args.rows = static_cast<int>(A.size(1));
+    args.cols = static_cast<int>(B.size(1));
+    args.ntc = static_cast<int>(pv.L.ntc);
+    args.n_tr = static_cast<int>(n_tr);
+    args.n_tc = static_cast<int>(n_tc);
+    args.idx32 = n_out * n_in <= (int64_t(1) << 32);
+    args.splits = static_cast<int>(S);
+    args.t_split = static_cast<int>(t_split);
+    args.T = static_cast<int>(T);
+    args.n_whole = static_cast<int>(n_pairs - tail);
+    args.tail = static_cast<int>(tail);
+    args.t_half = static_cast<int>(t_half);
+    args.n_in = n_in;
+    args.k = k;
+    args.dst = S > 1 ? part.data_ptr<float>() : out.data_ptr<float>();
+    auto launch = [&](auto tag) {
+      using T_ = decltype(tag);
+      auto kern = sm90::sddmm_wgmma_kernel<T_, I_, cl>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes));
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(static_cast<unsigned>(cl * std::min<int64_t>(clusters, units)));
+      config.blockDim = dim3(sm90::kThreads);
+      config.dynamicSmemBytes = sm90::kSmemBytes;
+      config.stream = stream;
+      cudaLaunchAttribute attr;
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = cl;
+      attr.val.clusterDim.y = 1;
+      attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kern, map_a, map_b, args));
+    };
+    if (A.scalar_type() == at::kBFloat16) {
+      launch(__nv_bfloat16());
+    } else {
+      launch(__half());
+    }
+  });
+  if (S > 1) run_reduce(part, perm, out, k, S, stream);
+}
+
 void run_dense_tile(const at::Tensor& G, const at::Tensor& X, const at::Tensor& indices, const at::Tensor& plan,
                     const PlanView& pv, int64_t n_out, int64_t n_in, at::Tensor& out, cudaStream_t stream) {
   const int64_t T = G.size(0), k = indices.numel();
   at::Tensor A, B;
   bool ur, uc;
   std::tie(A, B, ur, uc) = dense_operands(G, X, plan, &pv, n_out, n_in);
+  if (wgmma_applies(A, B)) {
+    run_dense_tile_wgmma(A, B, indices, pv, ur, uc, n_out, n_in, out, stream);
+    return;
+  }
   const bool compact = ur || uc;
   const int64_t nt_bound = compact ? ceil_div(A.size(1), kTile) * ceil_div(B.size(1), kTile) : pv.L.nt;
   int64_t S, t_split;

@@ -26,6 +26,10 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
 at::Tensor sddmm_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                       int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& plan);
 
+// Whether the sddmm dense_tile strategy runs the sm90a wgmma kernel on `device` (a compute capability 9.0 GPU
+// and an extension built for 9.0a); otherwise it runs the portable WMMA kernel.
+bool sddmm_wgmma_available(int64_t device);
+
 // One AdamW step over lists of tensors with per-slot step counts (spiel/ops/adamw.py has the math); an empty
 // steps list means one count for every tensor, host_count (read only: the caller increments it).
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

@@ -6,8 +6,8 @@ import torch
 
 from spiel.ops.backends.sddmm_plan import (E_MAX, H_IN, H_K, H_LEVEL_C, H_LEVEL_R, H_MAGIC, H_NC, H_NCTILES, H_NITEMS,
                                            H_NR, H_NTILES, H_OUT, H_SPAN, HDR, MAGIC, SB, STRATEGIES, TILE, _cdiv,
-                                           _pick, balance_plans, choose_levels, encode, estimate_costs, grid_dims,
-                                           layout)
+                                           _pick, balance_plans, choose_levels, cuda_wgmma, encode, estimate_costs,
+                                           grid_dims, layout)
 
 
 def _group(keys_sorted_tile: torch.Tensor, nt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +137,8 @@ def build_plan_reference(indices: torch.Tensor, out_features: int, in_features: 
         if forced is not None:
             choice[be] = forced
         else:
-            choice[be] = _pick(estimate_costs(T_hint, out_features, in_features, k, stats, be, lr, lc))
+            choice[be] = _pick(estimate_costs(T_hint, out_features, in_features, k, stats, be, lr, lc,
+                                              wgmma=be == "cuda" and cuda_wgmma(dev)))
     code = encode(lr, lc, choice["triton"], choice["cuda"])
 
     header = torch.zeros(HDR, dtype=i64, device=dev)

@@ -74,9 +74,9 @@ def test_cmake_source_parsing_matches_setup(setup_py, tmp_path):
 
 def test_cuda_archs(setup_py, monkeypatch):
     monkeypatch.delenv("SPIEL_CUDA_ARCHS", raising=False)
-    assert setup_py.parse_cuda_archs() == ["8.0", "9.0"]
+    assert setup_py.parse_cuda_archs() == ["8.0", "9.0a"]
     assert setup_py.cuda_arch_flags(setup_py.parse_cuda_archs()) == [
-        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
     monkeypatch.setenv("SPIEL_CUDA_ARCHS", "9.0a")
     assert setup_py.cuda_arch_flags(setup_py.parse_cuda_archs()) == ["-gencode=arch=compute_90a,code=sm_90a"]
     assert setup_py.cuda_arch_flags(setup_py.parse_cuda_archs("8.0, 8.6+PTX")) == [

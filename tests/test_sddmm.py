@@ -377,6 +377,18 @@ def test_cost_model_picks():
                 assert got != want[1:], (rows, k, backend, got)
             else:
                 assert got == want, (rows, k, backend, got)
+    # with the sm90a wgmma kernel (session 11, T = 2048: 0.2965 / 0.3081 ms against cuBLAS bands + gather
+    # 0.3157 / 0.3337 at 11008x4096 1% / 2.4%) its dense_tile takes the random 1% and 2.4% points at the
+    # e2e's token count; sparse keeps 0.1% and 0.5%; the concentrated mask stays with compacted cuBLAS bands
+    # (its bitmap builder would walk ~20k entries per tile: 0.196 against 0.059 ms); an odd feature count
+    # (no 16-byte TMA rows) is modelled as the WMMA kernel
+    wants = ["sparse", "sparse", "sparse", "sparse", "dense_tile", "dense_tile", "dense_tile", "dense_blas"]
+    for (rows, k, st, _, _), want in zip(cases, wants):
+        assert P.choose_strategy(2048, rows, n, k, stats=st, backend="cuda", wgmma=True) == want, (rows, k)
+        assert P.choose_strategy(2048, rows, n, k, stats=st, backend="triton", wgmma=True) == \
+            P.choose_strategy(2048, rows, n, k, stats=st, backend="triton"), "wgmma is a CUDA-backend fact"
+    odd = P.estimate_costs(2048, 4095, n, n * n // 100, cases[4][2], "cuda", wgmma=True)
+    assert odd == P.estimate_costs(2048, 4095, n, n * n // 100, cases[4][2], "cuda", wgmma=False)
 
 
 # ---- the Triton kernels, in a child process under the interpreter -----------------------------------------

@@ -25,7 +25,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 if has build; then
   t0=$(date +%s)
-  if SPIEL_CUDA_ARCHS="${SPIEL_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" python3 setup.py build_ext --inplace \
+  if SPIEL_CUDA_ARCHS="${SPIEL_CUDA_ARCHS:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" python3 setup.py build_ext --inplace \
        >"$OUT/build.log" 2>&1; then
     note "build: ok in $(( $(date +%s) - t0 )) s"
   else

@@ -20,6 +20,9 @@ CASES = [  # T, out, in, k, concentrated
     (70, 300, 200, 2000, False),
     (33, 260, 136, 600, True),
     (9, 17, 40, 17 * 40, False),
+    # feature counts divisible by 8: the sm90a wgmma dense_tile kernel on an H100 (T splits; a tail of T halves)
+    (70, 304, 200, 2000, False),
+    (130, 1152, 4096, 40000, False),
 ]
 
 

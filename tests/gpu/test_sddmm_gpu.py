@@ -144,3 +144,56 @@ def test_batched_plan_build_equals_single_builds_cuda():
         for (idx, o, i), plan in zip(items, got):
             assert plan.device.type == "cuda"
             assert torch.equal(plan, build_plan_reference(idx, o, i, balance=balance)), (o, i, idx.numel())
+
+
+# ---- the sm90a wgmma dense_tile kernel (csrc/sddmm_sm90.cuh) ------------------------------------------------
+WGMMA_CASES = [
+    (200, 1152, 4096, 47186, "random"),     # 144 tiles > 132 SMs: the last 12 run as T halves (atomic adds)
+    (64, 4096, 2048, 83886, "random"),      # 256 tiles, one k-block each: two units per CTA, bitmap buffers reused
+    (96, 1024, 1024, 104858, "random"),     # 10%: > 1024 entries per half tile (output positions past the cache)
+    (300, 640, 776, 4966, "concentrated"),  # few tiles: T splits (part buffer + reduce), compaction
+    (1, 512, 520, 2000, "random"),          # one token
+]
+
+
+def _wgmma_on():
+    import spiel._C as C
+    return _cuda_available() and C.sddmm_wgmma_available(torch.cuda.current_device())
+
+
+def test_wgmma_available_where_built():
+    """An extension built for 9.0a on a compute capability 9.0 GPU runs the wgmma kernel (not silently WMMA)."""
+    if not _cuda_available():
+        pytest.skip("spiel._C is not built")
+    import spiel._C as C
+    expect = C.built_sm90a and torch.cuda.get_device_capability() == (9, 0)
+    assert C.sddmm_wgmma_available(torch.cuda.current_device()) == expect
+    assert P.cuda_wgmma(torch.device("cuda")) == expect
+
+
+def test_wgmma_dense_tile():
+    if not _wgmma_on():
+        pytest.skip("needs an H100/H200 and spiel._C built for 9.0a")
+    pairs = [(torch.bfloat16, torch.int32), (torch.float16, torch.int64)]
+    check_kernel(_cuda_kernel("dense_tile"), DEV, cases=WGMMA_CASES, pairs=pairs, determinism=True)
+    check_kernel(_cuda_kernel("dense_tile"), DEV, cases=WGMMA_CASES[:2], plan_kw={"compaction": False},
+                 pairs=[(torch.bfloat16, torch.int64)], determinism=True)
+
+
+def test_wgmma_large_flat_indices_and_skipped_tiles():
+    """out * in > 2**32 (64-bit division in the bitmap build) with almost every tile empty (skipped units), and
+    an operand view 2 bytes off 16-byte alignment (falls back to the WMMA kernel)."""
+    if not _wgmma_on():
+        pytest.skip("needs an H100/H200 and spiel._C built for 9.0a")
+    T, o, i, k = 40, 70000, 66000, 3000
+    g = gen(DEV, "wgmma-large")
+    idx = torch.unique(torch.randint(0, o * i, (k,), device=DEV, generator=g)).long()
+    G, X = randn((T, o), torch.bfloat16, g, DEV), randn((T, i), torch.bfloat16, g, DEV)
+    want, scale = exact(G, X, idx, i)
+    plan = P.build_plan(idx, o, i, compaction=False)
+    got = P.cuda_sddmm(G, X, idx, o, i, plan, strategy="dense_tile")
+    assert_close_fp32(got, want, scale, T, "70000x66000 dense_tile")
+    off = torch.empty(T * i + 1, dtype=torch.bfloat16, device=DEV)[1:].view(T, i).copy_(X)  # 2 bytes off
+    want, scale = exact(G, off, idx, i)
+    got = P.cuda_sddmm(G, off, idx, o, i, plan, strategy="dense_tile")
+    assert_close_fp32(got, want, scale, T, "unaligned input")

@@ -41,6 +41,7 @@ correctly with any plan of the same indices (the ``strategy=`` overrides use tha
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict
@@ -175,7 +176,12 @@ COST = {
     "sparse_triton_eps": 2.2e11,  # entry-tokens / s of the Triton sparse loop (L1-bound gathers)
     "tile_triton_flops": 498e12,  # tl.dot tiles incl. extraction
     "tile_cuda_flops": 152e12,    # WMMA (mma.sync) tiles incl. extraction
-    "blas_flops": 746e12,         # cuBLAS bf16 -> fp32 (median of the session-3 dense_blas points)
+    "tile_wgmma_flops": 665e12,   # sm90a wgmma tiles (TMA multicast, persistent; csrc/sddmm_sm90.cuh)
+    "tile_wgmma_entry_s": 2.8e-11,  # its per-entry epilogue (bitmap rank, staged store, scattered write)
+    "tile_wgmma_build_s": 2.5e-6,  # one round of its bitmap builder (768 entries per CTA, dependent loads)
+    "blas_flops": 690e12,         # cuBLAS bf16 -> fp32 over the bands (session 11 fit, bands' fixed cost apart)
+    "band_s": 1.2e-5,             # fixed cost of one dense_blas band (GEMM + gather launches, fp32 band write)
+    "blas_entry_s": 2.6e-11,      # per-entry gather from the fp32 band (random sectors)
     "partial_Bps": 2.0e12,        # partial-sum write + reduce traffic
 }
 
@@ -197,10 +203,31 @@ _cost_overrides()
 _ELEM = 2  # bytes per operand element assumed by the model (bf16/fp16)
 
 
+def cuda_wgmma(device: torch.device) -> bool:
+    """Whether the CUDA backend's dense_tile strategy runs the sm90a wgmma kernel on ``device`` (an H100/H200
+    and an extension built for ``9.0a``); otherwise it runs the portable WMMA kernel."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_wgmma(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_wgmma(index: int) -> bool:
+    try:
+        from spiel import _C
+    except Exception:  # the extension is optional
+        return False
+    query = getattr(_C, "sddmm_wgmma_available", None)
+    return bool(query(index)) if query is not None else False
+
+
 def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: Dict[str, float],
-                   backend: str = "cuda", level_r: int = 0, level_c: int = 0) -> Dict[str, float]:
+                   backend: str = "cuda", level_r: int = 0, level_c: int = 0, *,
+                   wgmma: bool = False) -> Dict[str, float]:
     """Predicted seconds of each strategy for one call. ``stats``: n_tiles, n_items, nR, nC, n_ctiles,
-    span_sum (as built into the plan)."""
+    span_sum (as built into the plan). ``wgmma``: the CUDA dense_tile strategy runs the sm90a kernel
+    (:func:`cuda_wgmma`; it needs feature counts that are multiples of 8)."""
     c = COST
     T = max(int(T), 1)
     k = max(int(k), 0)
@@ -228,15 +255,27 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
         gather += T * (in_features + 2 * cols) * _ELEM / c["hbm_Bps"]
     n_t = float(stats["n_ctiles"] if (level_r or level_c) else stats["n_tiles"])
     tile_flops = 2.0 * T * TILE * TILE * n_t
-    rate = c["tile_cuda_flops"] if backend == "cuda" else c["tile_triton_flops"]
     extract = k * 16 / c["partial_Bps"]
     operand_read = T * (rows + cols) * _ELEM / c["hbm_Bps"]  # the (compacted) operands, read once
-    res["dense_tile"] = c["launch_s"] + gather + max(tile_flops / rate, operand_read) + extract
+    if backend == "cuda" and wgmma and out_features % 8 == 0 and in_features % 8 == 0:
+        # 128 x 256 tiles in pairs (one per 2-CTA cluster); the bitmap builder of each CTA walks its tile's
+        # entries once per unit (every T split) in rounds of 768, overlapped with the mainloop unless a tile
+        # holds thousands of entries (concentrated masks)
+        clusters = 66
+        n_pairs = max(1, _cdiv(_cdiv(rows, TILE), 2) * _cdiv(cols, 2 * TILE))
+        splits = max(1, min(_cdiv(clusters, n_pairs), max(T // 256, 1), 64)) if n_pairs < clusters else 1
+        waves = _cdiv(n_pairs * splits, clusters)
+        build = waves * _cdiv(_cdiv(k, 2 * n_pairs), 768) * c["tile_wgmma_build_s"]
+        mainloop = max(tile_flops / c["tile_wgmma_flops"], operand_read)
+        res["dense_tile"] = c["launch_s"] + gather + max(mainloop, build) + k * c["tile_wgmma_entry_s"]
+    else:
+        rate = c["tile_cuda_flops"] if backend == "cuda" else c["tile_triton_flops"]
+        res["dense_tile"] = c["launch_s"] + gather + max(tile_flops / rate, operand_read) + extract
     # blas over all (compacted) rows x cols; the fp32 band buffer is small enough to stay in L2
     blas_flops = 2.0 * T * rows * cols
     n_bands = len(bands(rows, cols))
-    res["dense_blas"] = (c["launch_s"] * (1 + 0.2 * n_bands) + gather + max(blas_flops / c["blas_flops"], operand_read)
-                         + extract)
+    res["dense_blas"] = (c["launch_s"] + n_bands * c["band_s"] + gather
+                         + max(blas_flops / c["blas_flops"], operand_read) + k * c["blas_entry_s"])
     return res
 
 
@@ -280,7 +319,7 @@ def _pick(costs: Dict[str, float], allowed=STRATEGIES) -> str:
 
 
 def choose_strategy(T: int, out_features: int, in_features: int, k: int, plan: Optional[torch.Tensor] = None,
-                    backend: str = "triton", stats: Optional[Dict[str, float]] = None) -> str:
+                    backend: str = "triton", stats: Optional[Dict[str, float]] = None, *, wgmma: bool = False) -> str:
     """``"sparse" | "dense_tile" | "dense_blas"`` for ``backend``.
 
     With a plan: the decision built into it (read from its length: no sync). The decision does not depend
@@ -293,7 +332,8 @@ def choose_strategy(T: int, out_features: int, in_features: int, k: int, plan: O
             raise ValueError("choose_strategy needs a plan or stats")
         return plan_code(plan, k, out_features, in_features)[backend]
     lr, lc = choose_levels(out_features, in_features, int(stats["nR"]), int(stats["nC"]))
-    return _pick(estimate_costs(max(T, 1024), out_features, in_features, k, stats, backend, lr, lc))
+    return _pick(estimate_costs(max(T, 1024), out_features, in_features, k, stats, backend, lr, lc,
+                                wgmma=wgmma and backend == "cuda"))
 
 
 def needs_plan(indices: torch.Tensor, out_features: int, in_features: int, *, T_hint: int = 4096) -> bool:
@@ -369,7 +409,9 @@ def needs_plan_many(items: Sequence[Tuple[torch.Tensor, int, int]], *, T_hint: i
             result.append(True)
             continue
         stats = {"n_tiles": n_tiles, "n_items": 0, "nR": n_r, "nC": n_c, "n_ctiles": n_tiles, "span_sum": 0}
-        result.append(any(_pick(estimate_costs(T_hint, out_features, in_features, indices.numel(), stats, backend))
+        wgmma = cuda_wgmma(indices.device)
+        result.append(any(_pick(estimate_costs(T_hint, out_features, in_features, indices.numel(), stats, backend,
+                                               wgmma=backend == "cuda" and wgmma))
                           != "dense_blas" for backend in BACKENDS))
     return result
 
@@ -684,6 +726,7 @@ def _assemble(t, indices: List[torch.Tensor], counts: List[List[int]], out_featu
     L = len(counts)
     nt = t["tile_slot"].shape[1]
     ntc = grid_dims(out_features, in_features)[1]
+    wgmma = cuda_wgmma(dev)
     decisions, header = [], []
     for row, cnt in enumerate(counts):
         stats = {"n_tiles": cnt[0], "n_items": cnt[1], "nR": cnt[2], "nC": cnt[3], "span_sum": cnt[4]}
@@ -691,7 +734,8 @@ def _assemble(t, indices: List[torch.Tensor], counts: List[List[int]], out_featu
         # with compaction: a bound for the model (no second sync), the tiles of the used compact rectangle
         stats["n_ctiles"] = (min(_cdiv(max(stats["nR"], 1), TILE) * _cdiv(max(stats["nC"], 1), TILE), nt)
                              if lr or lc else stats["n_tiles"])
-        choice = {be: forced or _pick(estimate_costs(T_hint, out_features, in_features, k, stats, be, lr, lc))
+        choice = {be: forced or _pick(estimate_costs(T_hint, out_features, in_features, k, stats, be, lr, lc,
+                                                     wgmma=be == "cuda" and wgmma))
                   for be, forced in (("triton", triton), ("cuda", cuda))}
         decisions.append((lr, lc, encode(lr, lc, choice["triton"], choice["cuda"])))
         h = [0] * HDR
