@@ -177,12 +177,11 @@ COST = {
     "tile_triton_flops": 498e12,  # tl.dot tiles incl. extraction
     "tile_cuda_flops": 152e12,    # WMMA (mma.sync) tiles incl. extraction
     "tile_wgmma_flops": 665e12,   # sm90a wgmma tiles (TMA multicast, persistent; csrc/sddmm_sm90.cuh)
-    "tile_wgmma_entry_s": 2.8e-11,  # its per-entry epilogue (bitmap rank, staged store, scattered write)
     "tile_wgmma_build_s": 2.5e-6,  # one round of its bitmap builder (768 entries per CTA, dependent loads)
     "blas_flops": 690e12,         # cuBLAS bf16 -> fp32 over the bands (session 11 fit, bands' fixed cost apart)
-    "band_s": 1.2e-5,             # fixed cost of one dense_blas band (GEMM + gather launches, fp32 band write)
-    "blas_entry_s": 2.6e-11,      # per-entry gather from the fp32 band (random sectors)
-    "partial_Bps": 2.0e12,        # partial-sum write + reduce traffic
+    "band_s": 1e-6,               # fixed cost of one more dense_blas band (GEMM + gather launches)
+    "blas_out_Bps": 5.6e12,       # fp32 band bytes written (partly hidden under the GEMM: an effective rate)
+    "dense_entry_s": 2.7e-11,     # per requested entry, every dense strategy (its random 32-B sector write/read)
 }
 
 
@@ -255,7 +254,7 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
         gather += T * (in_features + 2 * cols) * _ELEM / c["hbm_Bps"]
     n_t = float(stats["n_ctiles"] if (level_r or level_c) else stats["n_tiles"])
     tile_flops = 2.0 * T * TILE * TILE * n_t
-    extract = k * 16 / c["partial_Bps"]
+    extract = k * c["dense_entry_s"]
     operand_read = T * (rows + cols) * _ELEM / c["hbm_Bps"]  # the (compacted) operands, read once
     if backend == "cuda" and wgmma and out_features % 8 == 0 and in_features % 8 == 0:
         # 128 x 256 tiles in pairs (one per 2-CTA cluster); the bitmap builder of each CTA walks its tile's
@@ -267,15 +266,15 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
         waves = _cdiv(n_pairs * splits, clusters)
         build = waves * _cdiv(_cdiv(k, 2 * n_pairs), 768) * c["tile_wgmma_build_s"]
         mainloop = max(tile_flops / c["tile_wgmma_flops"], operand_read)
-        res["dense_tile"] = c["launch_s"] + gather + max(mainloop, build) + k * c["tile_wgmma_entry_s"]
+        res["dense_tile"] = c["launch_s"] + gather + max(mainloop, build) + extract
     else:
         rate = c["tile_cuda_flops"] if backend == "cuda" else c["tile_triton_flops"]
         res["dense_tile"] = c["launch_s"] + gather + max(tile_flops / rate, operand_read) + extract
     # blas over all (compacted) rows x cols; the fp32 band buffer is small enough to stay in L2
     blas_flops = 2.0 * T * rows * cols
     n_bands = len(bands(rows, cols))
-    res["dense_blas"] = (c["launch_s"] + n_bands * c["band_s"] + gather
-                         + max(blas_flops / c["blas_flops"], operand_read) + k * c["blas_entry_s"])
+    res["dense_blas"] = (c["launch_s"] + n_bands * c["band_s"] + 4.0 * rows * cols / c["blas_out_Bps"] + gather
+                         + max(blas_flops / c["blas_flops"], operand_read) + extract)
     return res
 
 
@@ -409,9 +408,9 @@ def needs_plan_many(items: Sequence[Tuple[torch.Tensor, int, int]], *, T_hint: i
             result.append(True)
             continue
         stats = {"n_tiles": n_tiles, "n_items": 0, "nR": n_r, "nC": n_c, "n_ctiles": n_tiles, "span_sum": 0}
-        wgmma = cuda_wgmma(indices.device)
-        result.append(any(_pick(estimate_costs(T_hint, out_features, in_features, indices.numel(), stats, backend,
-                                               wgmma=backend == "cuda" and wgmma))
+        # the CUDA wgmma dense_tile is not a reason to build a plan: plans cost ~16 B per delta (2.5 GB for a
+        # 7B model at LoRA-r64 density, session 11) where the plan-free cuBLAS bands run within ~5% of it
+        result.append(any(_pick(estimate_costs(T_hint, out_features, in_features, indices.numel(), stats, backend))
                           != "dense_blas" for backend in BACKENDS))
     return result
 
