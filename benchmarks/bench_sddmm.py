@@ -163,7 +163,8 @@ def main(argv=None) -> int:
                     if "dense+gather" in pair and len(pair) > 1:
                         rec["paired"] = paired_ratios(pair, "dense+gather", device, rounds=args.paired_rounds)
                     del pair
-                rec["pred"] = {be: P.estimate_costs(T, out_f, in_f, k, stats, be, info["level_r"], info["level_c"])
+                rec["pred"] = {be: P.estimate_costs(T, out_f, in_f, k, stats, be, info["level_r"], info["level_c"],
+                                                    wgmma=be == "cuda" and P.cuda_wgmma(device))
                                for be in ("triton", "cuda")}
                 summary.append(rec)
                 del plan, idx, idx64, ref

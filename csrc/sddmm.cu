@@ -17,14 +17,18 @@
 //             bank conflicts; every step loads both 16-byte rows with no data-dependent branch, and the fp32
 //             accumulators stay in registers. Rows are XOR-swizzled in 16-byte units so the transposing
 //             stores are conflict-free.
-// dense_tile  CTA (non-empty 128 x 128 tile, T split): C = A[t, rows]^T @ B[t, cols] with WMMA (bf16/fp16
+// dense_tile  On sm90a (H100/H200, extension built for 9.0a, 16-bit operands with rows of 16-byte multiples):
+//             the persistent wgmma kernel of sddmm_sm90.cuh (128 x 256 tiles in 2-CTA clusters sharing the
+//             input boxes by TMA multicast; entries written from the accumulator registers). Elsewhere: CTA
+//             (non-empty 128 x 128 tile, T split): C = A[t, rows]^T @ B[t, cols] with WMMA (bf16/fp16
 //             mma.sync, fp32 accumulators), 4-stage cp.async pipeline over T, the tile stored to shared
 //             memory, and only the tile's requested entries read back. A/B are grad_output/input or their
 //             compacted copies (only the distinct rows/cols used; at::index_select).
 // dense_blas  cuBLAS (at::mm with fp32 output) over row bands (column bands when in > out) of the
 //             (compacted) operands into a bounded fp32 band buffer, then a gather of the band's entries.
 // When T is split, partial sums go to part[s, position] and a reduce kernel sums them in increasing s:
-// deterministic (bit-identical across runs). fp32 inputs always take the sparse strategy (exact fp32
+// deterministic (bit-identical across runs); the wgmma kernel's tail halves add two partials into a zeroed
+// output, which is deterministic too (0 + a + b == 0 + b + a). fp32 inputs always take the sparse strategy (exact fp32
 // products; the tensor-core paths would round operands to TF32).
 #include <cudaTypedefs.h>
 #include <mma.h>

@@ -1,20 +1,24 @@
 // sm90a (Hopper) dense-tile SDDMM: the requested entries of C = A^T B (A = grad_output [T, rows], B = input
-// [T, cols], both 16-bit, T the reduction) computed by wgmma over 128 x 256 output tiles and written straight
-// from the accumulator registers; nothing of C leaves the SM but the requested entries.
+// [T, cols], both 16-bit, T the reduction) computed by wgmma over 128 x 256 output tiles and written from the
+// accumulators; nothing of C leaves the SM but the requested entries.
 //
 // Why a hand-written kernel: the WMMA (mma.sync) tiles reach ~150-500 TFLOP/s, cuBLAS ~700, so the dense_tile
 // strategy lost to cuBLAS bands + gather at every point where dense work is needed (benchmarks/NOTES.md,
-// sessions 8-10). This one runs the mainloop the way Hopper GEMMs do:
-//   * persistent CTAs (one per SM), 384 threads: warpgroup 0 produces, warpgroups 1-2 consume;
-//   * warp 0 of the producer streams [64-token x 64-feature] boxes of A and B into a 4-stage ring with TMA
-//     (128-byte swizzle, zero fill past T / rows / cols), signalling full/empty mbarriers;
+// sessions 8-11). This one runs the mainloop the way Hopper GEMMs do:
+//   * persistent CTAs (one per SM), 384 threads, in clusters of 2: a cluster takes two vertically adjacent
+//     tiles, which share their B boxes (each CTA loads half of them, multicast to both): without it the
+//     kernel was L2-bandwidth-bound (session 11, call 4's ncu);
+//   * warp 0 streams [64-token x 64-feature] boxes of A and B into a 4-stage ring with TMA (128-byte swizzle,
+//     zero fill past T / rows / cols), signalling full/empty mbarriers (empty: both CTAs' consumers);
 //   * each consumer warpgroup owns 64 rows x 256 cols: m64n256k16 wgmma, both operands MN-major (features
 //     contiguous, as they lie in memory: no transpose anywhere), fp32 accumulators in registers;
-//   * warps 1-3 of the producer build the *next* tiles' entry bitmaps (1 bit per element of the 128 x 256
-//     tile, with per-word prefix counts) into a double buffer while the mainloop runs, so the epilogue
-//     only tests bits of registers it already holds and writes entry `rank` of the tile's sorted list.
-// Tiles are grouped 8 tile-rows at a time for L2 reuse. Deterministic: each entry is written once per T split
-// (the same reduce as the other strategies sums the splits in order).
+//   * warps 1-3 build the coming units' entry bitmaps (1 bit per element of the 128 x 256 tile, per-word prefix
+//     counts, output positions by rank) and unit descriptors into double buffers while the mainloop runs, so the
+//     epilogue tests bits of the registers it holds, stages values in shared memory by rank and writes them
+//     out with consecutive threads.
+// Tiles are grouped 8 tile rows at a time for L2 reuse. Deterministic: each entry is written once per T split
+// (the same fixed-order reduce as the other strategies), or, for the last partial wave's tiles run as two T
+// halves, added twice into a zeroed output (0 + a + b == 0 + b + a exactly).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -68,9 +72,10 @@ struct Args {
   int ntc;               // plan tile columns (128 wide), for tile ids
   int n_tr, n_tc;        // 128 x 256 tile grid over [rows, cols]
   int splits, t_split, T;
-  // Work units: tiles [0, n_whole) x `splits` T splits, then tiles [n_whole, n_whole + tail) in two T halves
-  // (split at t_half) that the last, partial wave of CTAs shares. Two halves add into a zeroed output with
-  // atomics, which is still deterministic: 0 + a + b == 0 + b + a exactly in IEEE arithmetic.
+  // Work units (one per cluster at a time): tile pairs [0, n_whole) x `splits` T splits, then pairs
+  // [n_whole, n_whole + tail) in two T halves (split at t_half) that the last, partial wave of clusters shares.
+  // Two halves add into a zeroed output with atomics, which is still deterministic: 0 + a + b == 0 + b + a
+  // exactly in IEEE arithmetic.
   int n_whole, tail, t_half;
   int64_t n_in, k;
   float* dst;            // out[k] (splits == 1: dst[perm[j]]) or part[splits, k] (dst[s * k + j])
