@@ -102,6 +102,12 @@ def cuda_arch_flags(archs: List[str]) -> List[str]:
     return flags
 
 
+def arch_defines(archs: List[str]) -> List[str]:
+    """Macros for both compilers: ``SPIEL_BUILD_SM90A`` when ``9.0a`` is built (the sm90a kernels are in, and
+    the host may dispatch to them on compute capability 9.0 devices)."""
+    return ["-DSPIEL_BUILD_SM90A"] if any(a.split("+")[0] == "9.0a" for a in archs) else []
+
+
 def default_max_jobs() -> int:
     cores = os.cpu_count() or 1
     try:
@@ -183,10 +189,8 @@ def cuda_extensions():
     nvcc_threads = os.environ.get("NVCC_THREADS", "1").strip() or "1"
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", f"--threads={int(nvcc_threads)}"]
     nvcc_flags += cuda_arch_flags(archs)
-    cxx_flags = ["-O3"]
-    if any(a.split("+")[0] == "9.0a" for a in archs):  # the sm90a kernels are compiled in
-        nvcc_flags.append("-DSPIEL_BUILD_SM90A")
-        cxx_flags.append("-DSPIEL_BUILD_SM90A")
+    nvcc_flags += arch_defines(archs)
+    cxx_flags = ["-O3"] + arch_defines(archs)
     sources = read_sources()
     log(f"building spiel._C from {len(sources)} sources with CUDA_HOME={cuda_home}, archs {archs}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']}, NVCC_THREADS={nvcc_threads}")

@@ -88,6 +88,12 @@ def test_cuda_archs(setup_py, monkeypatch):
             setup_py.parse_cuda_archs(bad)
 
 
+def test_sm90a_define_follows_the_arch_list(setup_py):
+    assert setup_py.arch_defines(setup_py.parse_cuda_archs("8.0;9.0a")) == ["-DSPIEL_BUILD_SM90A"]
+    assert setup_py.arch_defines(setup_py.parse_cuda_archs("9.0a+PTX")) == ["-DSPIEL_BUILD_SM90A"]
+    assert setup_py.arch_defines(setup_py.parse_cuda_archs("8.0;9.0")) == []
+
+
 def test_default_max_jobs(setup_py):
     jobs = setup_py.default_max_jobs()
     assert 1 <= jobs <= (os.cpu_count() or 1)

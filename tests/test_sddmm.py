@@ -387,6 +387,7 @@ def test_cost_model_picks():
         assert P.choose_strategy(2048, rows, n, k, stats=st, backend="cuda", wgmma=True) == want, (rows, k)
         assert P.choose_strategy(2048, rows, n, k, stats=st, backend="triton", wgmma=True) == \
             P.choose_strategy(2048, rows, n, k, stats=st, backend="triton"), "wgmma is a CUDA-backend fact"
+    assert not P.cuda_wgmma(torch.device("cpu"))
     odd = P.estimate_costs(2048, 4095, n, n * n // 100, cases[4][2], "cuda", wgmma=True)
     assert odd == P.estimate_costs(2048, 4095, n, n * n // 100, cases[4][2], "cuda", wgmma=False)
 
