@@ -28,8 +28,8 @@
 //             (compacted) operands into a bounded fp32 band buffer, then a gather of the band's entries.
 // When T is split, partial sums go to part[s, position] and a reduce kernel sums them in increasing s:
 // deterministic (bit-identical across runs); the wgmma kernel's tail halves add two partials into a zeroed
-// output, which is deterministic too (0 + a + b == 0 + b + a). fp32 inputs always take the sparse strategy (exact fp32
-// products; the tensor-core paths would round operands to TF32).
+// output, which is deterministic too (0 + a + b == 0 + b + a). fp32 inputs always take the sparse strategy
+// (exact fp32 products; the tensor-core paths would round operands to TF32).
 #include <cudaTypedefs.h>
 #include <mma.h>
 
