@@ -648,6 +648,22 @@ bool wgmma_applies(const at::Tensor& A, const at::Tensor& B) {
   return sddmm_wgmma_available(A.get_device());
 }
 
+// Launch configuration of the wgmma kernel: `grid` CTAs in clusters of sm90::kCluster (`attr` must outlive it)
+cudaLaunchConfig_t wgmma_config(unsigned grid, cudaStream_t stream, cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(sm90::kThreads);
+  config.dynamicSmemBytes = sm90::kSmemBytes;
+  config.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = sm90::kCluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 // Clusters of the wgmma kernel resident at once (66 on an H100 SXM: every SM holds one CTA), asked once per
 // device: a persistent grid larger than this would run its last clusters after the others.
 int64_t wgmma_clusters(int device) {
@@ -655,19 +671,10 @@ int64_t wgmma_clusters(int device) {
   if (device < 0 || device >= 64) device = 0;
   int n = cache[device].load(std::memory_order_relaxed);
   if (n > 0) return n;
-  auto kern = sm90::sddmm_wgmma_kernel<__nv_bfloat16, int32_t, sm90::kCluster>;  // all instances: same resources
+  auto kern = sm90::sddmm_wgmma_kernel<__nv_bfloat16, int32_t>;  // all instances: same resources
   C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(num_sms(device)));
-  config.blockDim = dim3(sm90::kThreads);
-  config.dynamicSmemBytes = sm90::kSmemBytes;
   cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = sm90::kCluster;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
+  const cudaLaunchConfig_t config = wgmma_config(static_cast<unsigned>(num_sms(device)), nullptr, attr);
   if (cudaOccupancyMaxActiveClusters(&n, kern, &config) != cudaSuccess || n <= 0) {
     (void)cudaGetLastError();
     n = std::max(1, num_sms(device) / sm90::kCluster);
@@ -682,8 +689,7 @@ void run_dense_tile_wgmma(const at::Tensor& A, const at::Tensor& B, const at::Te
   const bool compact = ur || uc;
   const int64_t n_tr = ceil_div(A.size(1), int64_t(sm90::kBM)), n_tc = ceil_div(B.size(1), int64_t(sm90::kBN));
   // work in pairs of tile rows, one pair per cluster of two CTAs
-  constexpr int cl = sm90::kCluster;
-  const int64_t n_pairs = ceil_div(n_tr, int64_t(cl)) * n_tc;
+  const int64_t n_pairs = ceil_div(n_tr, int64_t(sm90::kCluster)) * n_tc;
   TORCH_CHECK(n_pairs * 64 < (int64_t(1) << 31), "sddmm: too many tiles");
   const int64_t clusters = wgmma_clusters(A.get_device());
   int64_t S, t_split;
@@ -714,8 +720,6 @@ void run_dense_tile_wgmma(const at::Tensor& A, const at::Tensor& B, const at::Te
     args.colmap = pv.at(pv.L.colmap);
     args.use_rmap = ur;
     args.use_cmap = uc;
-    args.rows = static_cast<int>(A.size(1));
-    args.cols = static_cast<int>(B.size(1));
     args.ntc = static_cast<int>(pv.L.ntc);
     args.n_tr = static_cast<int>(n_tr);
     args.n_tc = static_cast<int>(n_tc);
@@ -731,20 +735,11 @@ void run_dense_tile_wgmma(const at::Tensor& A, const at::Tensor& B, const at::Te
     args.dst = S > 1 ? part.data_ptr<float>() : out.data_ptr<float>();
     auto launch = [&](auto tag) {
       using T_ = decltype(tag);
-      auto kern = sm90::sddmm_wgmma_kernel<T_, I_, cl>;
+      auto kern = sm90::sddmm_wgmma_kernel<T_, I_>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes));
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(static_cast<unsigned>(cl * std::min<int64_t>(clusters, units)));
-      config.blockDim = dim3(sm90::kThreads);
-      config.dynamicSmemBytes = sm90::kSmemBytes;
-      config.stream = stream;
       cudaLaunchAttribute attr;
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = cl;
-      attr.val.clusterDim.y = 1;
-      attr.val.clusterDim.z = 1;
-      config.attrs = &attr;
-      config.numAttrs = 1;
+      const cudaLaunchConfig_t config =
+          wgmma_config(static_cast<unsigned>(sm90::kCluster * std::min<int64_t>(clusters, units)), stream, attr);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kern, map_a, map_b, args));
     };
     if (A.scalar_type() == at::kBFloat16) {

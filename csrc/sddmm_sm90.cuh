@@ -68,9 +68,8 @@ struct Args {
   const int* colmap;
   int use_rmap, use_cmap;
   int idx32;             // every flat index and n_in fit 32 bits: 32-bit division
-  int rows, cols;        // operand widths (compacted or not)
   int ntc;               // plan tile columns (128 wide), for tile ids
-  int n_tr, n_tc;        // 128 x 256 tile grid over [rows, cols]
+  int n_tr, n_tc;        // 128 x 256 tile grid over the (compacted) operands [rows, cols]
   int splits, t_split, T;
   // Work units (one per cluster at a time): tile pairs [0, n_whole) x `splits` T splits, then pairs
   // [n_whole, n_whole + tail) in two T halves (split at t_half) that the last, partial wave of clusters shares.
@@ -139,15 +138,6 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank
       "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)),
       "r"(rank)
       : "memory");
-}
-// a consumed stage is released to the producer of CTA `rank` (every CTA that multicasts into this one)
-template <int Cl>
-__device__ __forceinline__ void release_stage(uint64_t* bar, uint32_t rank) {
-  if (Cl == 1) {
-    mbar_arrive(bar);
-  } else {
-    mbar_arrive_cluster(bar, rank);
-  }
 }
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -249,7 +239,7 @@ __device__ __forceinline__ void plan_slots(const Args<IdxT>& a, int tr, int tc, 
   slot0 = __ldg(a.tile_slot + id);
   slot1 = (2 * tc + 1 < a.ntc) ? __ldg(a.tile_slot + id + 1) : -1;
 }
-template <int Cl, typename IdxT>
+template <typename IdxT>
 __device__ __forceinline__ bool unit_at(const Args<IdxT>& a, int u, uint32_t rank, Unit& w) {
   int pair;
   const int n_split_units = a.n_whole * a.splits;
@@ -267,19 +257,18 @@ __device__ __forceinline__ bool unit_at(const Args<IdxT>& a, int u, uint32_t ran
     w.t1 = w.split ? a.T : a.t_half;
     w.mode = 2;
   }
-  const int n_pr = (a.n_tr + Cl - 1) / Cl;
-  const int per_group = (kGroupRows / Cl) * a.n_tc;
+  const int n_pr = (a.n_tr + kCluster - 1) / kCluster;
+  const int per_group = (kGroupRows / kCluster) * a.n_tc;
   const int g = pair / per_group;
-  const int first = g * (kGroupRows / Cl);
-  const int rows_in_group = min(n_pr - first, kGroupRows / Cl);
+  const int first = g * (kGroupRows / kCluster);
+  const int rows_in_group = min(n_pr - first, kGroupRows / kCluster);
   const int in_group = pair - g * per_group;
   const int pr = first + in_group % rows_in_group;
   w.tc = in_group / rows_in_group;
-  w.tr = Cl * pr + static_cast<int>(rank);
+  w.tr = kCluster * pr + static_cast<int>(rank);
   plan_slots(a, w.tr, w.tc, w.slot0, w.slot1);
-  if (Cl == 1) return w.slot0 >= 0 || w.slot1 >= 0;
   int other0, other1;
-  plan_slots(a, Cl * pr + static_cast<int>(rank ^ 1), w.tc, other0, other1);
+  plan_slots(a, kCluster * pr + static_cast<int>(rank ^ 1), w.tc, other0, other1);
   return w.slot0 >= 0 || w.slot1 >= 0 || other0 >= 0 || other1 >= 0;
 }
 
@@ -316,8 +305,8 @@ __device__ __forceinline__ void mark_entries(const Args<IdxT>& a, uint32_t* bm, 
   }
 }
 
-template <typename T, typename IdxT, int Cl>
-__global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CTAs (cudaLaunchKernelEx)
+template <typename T, typename IdxT>
+__global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kCluster CTAs (cudaLaunchKernelEx)
     sddmm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                        const Args<IdxT> a) {
 #ifdef SPIEL_SM90A_DEVICE
@@ -341,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CT
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full + s, 1);
-      mbar_init(empty + s, 2 * Cl);  // both consumer warpgroups of both CTAs (the B boxes are shared)
+      mbar_init(empty + s, 2 * kCluster);  // both consumer warpgroups of both CTAs (the B boxes are shared)
     }
     for (int b = 0; b < 2; ++b) {
       mbar_init(bm_full + b, kBuilders);
@@ -353,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CT
   cluster_sync();  // the partner's barriers are initialized before any multicast or remote arrive
 
   const uint32_t rank = cluster_rank();
-  const int cluster = blockIdx.x / Cl, n_clusters = gridDim.x / Cl;
+  const int cluster = blockIdx.x / kCluster, n_clusters = gridDim.x / kCluster;
   const int n_units = a.n_whole * a.splits + 2 * a.tail;
   const int wg = threadIdx.x / 128;
   Unit w;
@@ -365,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CT
       if (threadIdx.x == 0) {  // TMA producer
         int it = 0;
         for (int u = cluster; u < n_units; u += n_clusters) {
-          if (!unit_at<Cl>(a, u, rank, w)) continue;
+          if (!unit_at(a, u, rank, w)) continue;
           const int nk = (w.t1 - w.t0 + kBK - 1) / kBK;
           for (int kb = 0; kb < nk; ++kb, ++it) {
             const int s = it % kStages;
@@ -378,14 +367,9 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CT
               tma_load_2d(stage_a(s) + b * kBoxBytes, &map_a, full + s, w.tr * kBM + b * kBoxElems, y);
             // this CTA's half of the B boxes, multicast to both CTAs (each full barrier expects all 48 KiB)
 #pragma unroll
-            for (int b = rank * (kBN / kBoxElems / Cl); b < (rank + 1) * (kBN / kBoxElems / Cl); ++b) {
-              if (Cl == 1) {
-                tma_load_2d(stage_b(s) + b * kBoxBytes, &map_b, full + s, w.tc * kBN + b * kBoxElems, y);
-              } else {
-                tma_load_2d_multicast(stage_b(s) + b * kBoxBytes, &map_b, full + s, w.tc * kBN + b * kBoxElems, y,
-                                      static_cast<uint16_t>((1u << Cl) - 1));
-              }
-            }
+            for (int b = rank * (kBN / kBoxElems / kCluster); b < (rank + 1) * (kBN / kBoxElems / kCluster); ++b)
+              tma_load_2d_multicast(stage_b(s) + b * kBoxBytes, &map_b, full + s, w.tc * kBN + b * kBoxElems, y,
+                                    static_cast<uint16_t>((1u << kCluster) - 1));
           }
         }
       }
@@ -394,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CT
       const int bwarp = bt / 32, lane = bt % 32;
       int ui = 0;
       for (int u = cluster; u < n_units; u += n_clusters) {
-        if (!unit_at<Cl>(a, u, rank, w)) continue;
+        if (!unit_at(a, u, rank, w)) continue;
         const int buf = ui & 1;
         mbar_wait(bm_empty + buf, ((ui >> 1) & 1) ^ 1);
         if (bt == 0) {
@@ -484,12 +468,12 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CT
         wgmma_commit();
         fence_operands(acc);
         wgmma_wait<1>();  // the previous k-block's group is done: its stage can be refilled
-        if (prev >= 0 && lt < Cl) release_stage<Cl>(empty + prev, lt);  // both CTAs' producers
+        if (prev >= 0 && lt < kCluster) mbar_arrive_cluster(empty + prev, lt);  // both CTAs' producers
         prev = s;
       }
       wgmma_wait<0>();
       fence_operands(acc);
-      if (lt < Cl) release_stage<Cl>(empty + prev, lt);
+      if (lt < kCluster) mbar_arrive_cluster(empty + prev, lt);
 
       // epilogue: entry `rank` of plan tile (2 tc + h)'s list is C[row, col] where bit col of row is set
       mbar_wait(bm_full + buf, (ui >> 1) & 1);
@@ -500,8 +484,9 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of Cl CT
       const int64_t part = static_cast<int64_t>(in.split) * a.k;
       // phase 1: every requested entry this thread holds goes to staged[half][rank] in shared memory: per
       // candidate a bit test, a popcount and a predicated shared store, no dependent global access, and small
-      // code (session 11, calls 8-10: a per-entry global path in each of the 128 unrolled candidates made
-      // the kernel ~8% slower even at 0.1% density; a loop over the set bits was slow at 2.4%)
+      // code (session 11, calls 8-11, each against its own dense baseline: with a per-entry global path in each
+      // of the 128 unrolled candidates the kernel ran ~8% further behind dense even at 0.1% density; a loop
+      // over the set bits was slow at 2.4%)
       bool overflow = false;
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {

@@ -180,6 +180,7 @@ COST = {
     "tile_cuda_flops": 152e12,    # WMMA (mma.sync) tiles incl. extraction
     "tile_wgmma_flops": 665e12,   # sm90a wgmma tiles (TMA multicast, persistent; csrc/sddmm_sm90.cuh)
     "tile_wgmma_build_s": 2.5e-6,  # one round of its bitmap builder (768 entries per CTA, dependent loads)
+    "wgmma_clusters": 66,         # its resident 2-CTA clusters (132 SMs)
     "blas_flops": 690e12,         # cuBLAS bf16 -> fp32 over the bands (session 11 fit, bands' fixed cost apart)
     "band_s": 1e-6,               # fixed cost of one more dense_blas band (GEMM + gather launches)
     "blas_out_Bps": 5.6e12,       # fp32 band bytes written (partly hidden under the GEMM: an effective rate)
@@ -262,7 +263,7 @@ def estimate_costs(T: int, out_features: int, in_features: int, k: int, stats: D
         # 128 x 256 tiles in pairs (one per 2-CTA cluster); the bitmap builder of each CTA walks its tile's
         # entries once per unit (every T split) in rounds of 768, overlapped with the mainloop unless a tile
         # holds thousands of entries (concentrated masks)
-        clusters = 66
+        clusters = int(c["wgmma_clusters"])
         n_pairs = max(1, _cdiv(_cdiv(rows, TILE), 2) * _cdiv(cols, 2 * TILE))
         splits = max(1, min(_cdiv(clusters, n_pairs), max(T // 256, 1), 64)) if n_pairs < clusters else 1
         waves = _cdiv(n_pairs * splits, clusters)
