@@ -501,7 +501,7 @@ __global__ void sddmm_reduce_kernel(const float* __restrict__ part, const int* _
   if (j >= k) return;
   float acc = 0.f;
   for (int64_t s = 0; s < S; ++s) acc += part[s * k + j];  // fixed order: deterministic
-  out[__ldg(perm + j)] = acc;
+  out[perm != nullptr ? __ldg(perm + j) : j] = acc;  // no perm: partial sums in list order (row plans)
 }
 
 template <typename IdxT>
@@ -683,8 +683,10 @@ int64_t wgmma_clusters(int device) {
   return n;
 }
 
-void run_dense_tile_wgmma(const at::Tensor& A, const at::Tensor& B, const at::Tensor& indices, const PlanView& pv,
-                          bool ur, bool uc, int64_t n_out, int64_t n_in, at::Tensor& out, cudaStream_t stream) {
+// pv == nullptr: row-plan mode (row_ptr = the row plan's starts; A, B uncompacted, indices sorted)
+void run_dense_tile_wgmma(const at::Tensor& A, const at::Tensor& B, const at::Tensor& indices, const PlanView* pv,
+                          const int* row_ptr, bool ur, bool uc, int64_t n_out, int64_t n_in, at::Tensor& out,
+                          cudaStream_t stream) {
   const int64_t T = A.size(0), k = indices.numel();
   const bool compact = ur || uc;
   const int64_t n_tr = ceil_div(A.size(1), int64_t(sm90::kBM)), n_tc = ceil_div(B.size(1), int64_t(sm90::kBN));
@@ -709,18 +711,20 @@ void run_dense_tile_wgmma(const at::Tensor& A, const at::Tensor& B, const at::Te
   if (S > 1) part = at::empty({S * k}, A.options().dtype(at::kFloat));
   const CUtensorMap map_a = operand_map(A), map_b = operand_map(B);
   const int64_t units = (n_pairs - tail) * S + 2 * tail;
-  const int* perm = pv.at(compact ? pv.L.cperm : pv.L.perm);
+  const int* perm = pv ? pv->at(compact ? pv->L.cperm : pv->L.perm) : nullptr;
   SPIEL_DISPATCH_INDEX(indices.scalar_type(), I_, "sddmm indices", [&] {
     sm90::Args<I_> args;
     args.indices = indices.data_ptr<I_>();
     args.perm = perm;
-    args.tile_ptr = pv.at(compact ? pv.L.ctile_ptr : pv.L.tile_ptr);
-    args.tile_slot = pv.at(compact ? pv.L.ctile_slot : pv.L.tile_slot);
-    args.rowmap = pv.at(pv.L.rowmap);
-    args.colmap = pv.at(pv.L.colmap);
+    args.tile_ptr = pv ? pv->at(compact ? pv->L.ctile_ptr : pv->L.tile_ptr) : nullptr;
+    args.tile_slot = pv ? pv->at(compact ? pv->L.ctile_slot : pv->L.tile_slot) : nullptr;
+    args.rowmap = pv ? pv->at(pv->L.rowmap) : nullptr;
+    args.colmap = pv ? pv->at(pv->L.colmap) : nullptr;
+    args.row_ptr = row_ptr;
+    args.n_out = n_out;
     args.use_rmap = ur;
     args.use_cmap = uc;
-    args.ntc = static_cast<int>(pv.L.ntc);
+    args.ntc = static_cast<int>(ceil_div(n_in, kTile));
     args.n_tr = static_cast<int>(n_tr);
     args.n_tc = static_cast<int>(n_tc);
     args.idx32 = n_out * n_in <= (int64_t(1) << 32);
@@ -758,7 +762,7 @@ void run_dense_tile(const at::Tensor& G, const at::Tensor& X, const at::Tensor& 
   bool ur, uc;
   std::tie(A, B, ur, uc) = dense_operands(G, X, plan, &pv, n_out, n_in);
   if (wgmma_applies(A, B)) {
-    run_dense_tile_wgmma(A, B, indices, pv, ur, uc, n_out, n_in, out, stream);
+    run_dense_tile_wgmma(A, B, indices, &pv, nullptr, ur, uc, n_out, n_in, out, stream);
     return;
   }
   const bool compact = ur || uc;
@@ -869,6 +873,15 @@ at::Tensor sddmm_cuda(const at::Tensor& grad_output, const at::Tensor& input, co
   const at::Tensor& p = *plan;
   TORCH_CHECK(p.is_cuda() && p.dim() == 1 && p.scalar_type() == at::kInt && p.is_contiguous(),
               "sddmm: plan must be the contiguous 1-D int32 CUDA tensor made by sddmm_plan");
+  if (p.numel() == kHdr + out_features + 1) {  // a row plan (sddmm_plan.build_row_plan): sorted indices
+    if (wgmma_applies(grad_output, input)) {
+      run_dense_tile_wgmma(grad_output, input, indices, nullptr, p.data_ptr<int>() + kHdr, false, false,
+                           out_features, in_features, out, stream);
+    } else {
+      run_dense_blas(grad_output, input, indices, at::Tensor(), nullptr, out_features, in_features, out, stream);
+    }
+    return out;
+  }
   PlanView pv;
   pv.L = make_layout(k, out_features, in_features);
   int64_t code = p.numel() - pv.L.base;

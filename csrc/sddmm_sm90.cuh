@@ -47,12 +47,14 @@ constexpr int kDestCap = 768;                  // entries per half tile staged i
 constexpr int kGroupRows = 8;                  // tile rows per L2 group
 constexpr int kCluster = 2;                    // CTAs per cluster: two tile rows share each B box (multicast)
 // dynamic shared memory: operands | bitmaps[2] | prefix counts[2] | output positions[2][2] | staged results |
-// mbarriers | unit descriptors[2], +1 KiB to align the base (228,528 of the 232,448 bytes an H100 CTA may have)
+// row runs[2] | mbarriers | unit descriptors[2], +1 KiB to align the base (230,576 of the 232,448 bytes an H100
+// CTA may have)
 constexpr int kOffBitmap = kStages * kStageBytes;
 constexpr int kOffPrefix = kOffBitmap + 2 * kBitmapWords * 4;
 constexpr int kOffDest = kOffPrefix + 2 * kBitmapWords * 2;
 constexpr int kOffStage = kOffDest + 2 * 2 * kDestCap * 4;  // [2 halves][kDestCap] fp32 results
-constexpr int kOffBar = kOffStage + 2 * kDestCap * 4;
+constexpr int kOffRows = kOffStage + 2 * kDestCap * 4;  // [2 buffers][2][kBM] row runs (row-plan mode)
+constexpr int kOffBar = kOffRows + 2 * 2 * kBM * 4;
 constexpr int kNumBars = 2 * kStages + 6;
 constexpr int kOffInfo = kOffBar + kNumBars * 8;  // [2] UnitInfo (8 ints each)
 constexpr int kSmemBytes = kOffInfo + 2 * 8 * 4 + 1024;
@@ -64,6 +66,11 @@ struct Args {
   const int* perm;       // entry positions in (tile, row, col) order
   const int* tile_ptr;   // per listed tile: its range in perm order
   const int* tile_slot;  // tile id -> listed slot or -1
+  // Row-plan mode (row_ptr != nullptr; no plan sections, indices sorted): row r's entries are indices
+  // [row_ptr[r], row_ptr[r + 1]); a tile row's entries are one run of it, and an entry's output position is
+  // its index in the list.
+  const int* row_ptr;
+  int64_t n_out;
   const int* rowmap;     // actual -> compact row (when use_rmap)
   const int* colmap;
   int use_rmap, use_cmap;
@@ -235,6 +242,10 @@ __device__ __forceinline__ void plan_slots(const Args<IdxT>& a, int tr, int tc, 
     slot0 = slot1 = -1;
     return;
   }
+  if (a.row_ptr != nullptr) {  // row-plan mode: every tile is worked (random masks leave none empty)
+    slot0 = slot1 = 0;
+    return;
+  }
   const int id = tr * a.ntc + 2 * tc;
   slot0 = __ldg(a.tile_slot + id);
   slot1 = (2 * tc + 1 < a.ntc) ? __ldg(a.tile_slot + id + 1) : -1;
@@ -305,6 +316,56 @@ __device__ __forceinline__ void mark_entries(const Args<IdxT>& a, uint32_t* bm, 
   }
 }
 
+// Row-plan mode, builder pass 1: the tile row's entries are the run of sorted indices in [row * in + c0,
+// row * in + c0 + 256): a binary search for its start inside the row, then a scan that sets the bits.
+// runs[lr] / runs[kBM + lr] = the run's [lo, hi) in the index list.
+template <typename IdxT>
+__device__ __forceinline__ void mark_row_runs(const Args<IdxT>& a, uint32_t* bm, int* runs, int bt, int64_t r0,
+                                              int64_t c0) {
+  for (int lr = bt; lr < kBM; lr += kBuilders) {
+    const int64_t row = r0 + lr;
+    int lo = 0, hi = 0;
+    if (row < a.n_out) {
+      const int64_t first = row * a.n_in + c0, last = first + kBN;
+      int s = __ldg(a.row_ptr + row), e = __ldg(a.row_ptr + row + 1);
+      const int end = e;
+      while (s < e) {
+        const int m = (s + e) >> 1;
+        if (static_cast<int64_t>(__ldg(a.indices + m)) < first) {
+          s = m + 1;
+        } else {
+          e = m;
+        }
+      }
+      lo = hi = s;
+      for (; hi < end; ++hi) {
+        const int64_t v = static_cast<int64_t>(__ldg(a.indices + hi));
+        if (v >= last) break;
+        const int lc = static_cast<int>(v - first);
+        atomicOr(bm + lr * kWordsPerRow + (lc >> 5), 1u << (lc & 31));
+      }
+    }
+    runs[lr] = lo;
+    runs[kBM + lr] = hi;
+  }
+}
+
+// Row-plan mode, builder pass 2: each entry's output position (its index in the list) cached by its rank in
+// its half tile, as the plan mode's perm would give it.
+template <typename IdxT>
+__device__ __forceinline__ void cache_row_positions(const Args<IdxT>& a, const uint32_t* bm, const uint16_t* pre,
+                                                    const int* runs, int* dest, int bt, int64_t r0, int64_t c0) {
+  for (int lr = bt; lr < kBM; lr += kBuilders) {
+    const int64_t first = (r0 + lr) * a.n_in + c0;
+    for (int j = runs[lr]; j < runs[kBM + lr]; ++j) {
+      const int lc = static_cast<int>(static_cast<int64_t>(__ldg(a.indices + j)) - first);
+      const int wd = lr * kWordsPerRow + (lc >> 5);
+      const int rank = pre[wd] + __popc(bm[wd] & ((1u << (lc & 31)) - 1u));
+      if (rank < kDestCap) dest[(lc >> 7) * kDestCap + rank] = j;
+    }
+  }
+}
+
 template <typename T, typename IdxT>
 __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kCluster CTAs (cudaLaunchKernelEx)
     sddmm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
@@ -317,6 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
   uint16_t* prefixes = reinterpret_cast<uint16_t*>(smem + kOffPrefix);
   int* dests = reinterpret_cast<int*>(smem + kOffDest);  // [2 buffers][2 halves][kDestCap] output positions
   float* staged = reinterpret_cast<float*>(smem + kOffStage);  // [2 halves][kDestCap] results by rank
+  int* row_runs = reinterpret_cast<int*>(smem + kOffRows);  // [2 buffers][lo, hi][kBM] (row-plan mode)
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kOffBar);
   uint64_t* full = bars;                   // [kStages] TMA bytes landed
   uint64_t* empty = bars + kStages;        // [kStages] both consumer warpgroups done reading
@@ -395,7 +457,9 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
         for (int i = bt; i < kBitmapWords; i += kBuilders) bm[i] = 0u;
         named_barrier(1, kBuilders);
         const int64_t r0 = int64_t(w.tr) * kBM, c0 = int64_t(w.tc) * kBN;
-        for (int h = 0; h < 2; ++h) {
+        int* runs = row_runs + buf * 2 * kBM;
+        if (a.row_ptr != nullptr) mark_row_runs(a, bm, runs, bt, r0, c0);
+        for (int h = 0; h < 2 && a.row_ptr == nullptr; ++h) {
           const int slot = h ? w.slot1 : w.slot0;
           if (slot < 0) continue;
           const int p0 = __ldg(a.tile_ptr + slot), p1 = __ldg(a.tile_ptr + slot + 1);
@@ -425,6 +489,10 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
             pre[wd] = static_cast<uint16_t>(base + incl - cnt);
             base += __shfl_sync(0xffffffffu, incl, 31);
           }
+        }
+        if (a.row_ptr != nullptr) {  // output positions by rank, now that the ranks are known
+          named_barrier(1, kBuilders);
+          cache_row_positions(a, bm, pre, runs, dests + buf * 2 * kDestCap, bt, r0, c0);
         }
         mbar_arrive(bm_full + buf);
         ++ui;
@@ -514,9 +582,12 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
       }
       if (overflow) {  // rare (> 4.7% of a half tile requested): the entries past the staging capacity, by
                        // a loop over the set bits (compact code; values picked from registers with selects)
+        const bool by_rows = a.row_ptr != nullptr;
+        const int* runs = row_runs + buf * 2 * kBM;
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           const int row = row_in + 8 * rr;
+          int before = by_rows ? runs[row] : 0;  // row-plan mode: list index of the row's next entry
 #pragma unroll
           for (int wd = 0; wd < kWordsPerRow; ++wd) {
             const uint32_t word = bm[row * kWordsPerRow + wd];
@@ -524,6 +595,8 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
             const int first = pre[row * kWordsPerRow + wd];
             const int base = (wd >> 2) ? base1 : base0;
             const int k0 = 4 * (4 * wd) + 2 * rr;
+            const int word_start = before;
+            before += __popc(word);
             while (mine != 0u) {
               const int b = __ffs(mine) - 1;  // 8 jj + e
               mine &= mine - 1u;
@@ -535,13 +608,15 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
               const float c2 = e ? acc[k0 + 9] : acc[k0 + 8];
               const float c3 = e ? acc[k0 + 13] : acc[k0 + 12];
               const float v = jj == 0 ? c0 : jj == 1 ? c1 : jj == 2 ? c2 : c3;
-              const int pos = base + rank;
+              // plan mode: position `base + rank` in perm order; row-plan mode: the entry's list index
+              const int pos = by_rows ? word_start + __popc(word & ((1u << (b + 2 * cq)) - 1u)) : base + rank;
+              const int out = by_rows ? pos : __ldg(a.perm + pos);
               if (mode == 1) {
                 a.dst[part + pos] = v;
               } else if (mode == 0) {
-                a.dst[__ldg(a.perm + pos)] = v;
+                a.dst[out] = v;
               } else {
-                atomicAdd(a.dst + __ldg(a.perm + pos), v);
+                atomicAdd(a.dst + out, v);
               }
             }
           }
@@ -557,8 +632,8 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
         const int base = h ? base1 : base0;
         for (int j = lo + lt; j < hi; j += 128) {
           const float v = staged[h * kDestCap + j];
-          if (mode == 1) {
-            a.dst[part + base + j] = v;
+          if (mode == 1) {  // plan mode: perm order; row-plan mode: list index (the reduce maps both)
+            a.dst[part + (a.row_ptr != nullptr ? dest[h * kDestCap + j] : base + j)] = v;
           } else if (mode == 0) {
             a.dst[dest[h * kDestCap + j]] = v;
           } else {

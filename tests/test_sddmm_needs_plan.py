@@ -122,3 +122,56 @@ def test_no_plan_stays_no_plan_when_indices_are_added(out_f, in_f):
                 union = torch.unique(torch.cat([idx, extra])).to(torch.int32)
                 assert not P.needs_plan(union, out_f, in_f), (density, extra_kind, extra_fraction)
     assert seen_no_plan >= 1  # the property was exercised
+
+
+# ---- row plans (the CUDA wgmma dense_tile on sorted indices without a full plan) ------------------------------
+
+@pytest.mark.parametrize("out_f,in_f,k,dtype", [(300, 500, 1000, torch.int32), (7, 9, 63, torch.int64),
+                                                (64, 64, 0, torch.int32), (1000, 3, 5, torch.int64)])
+def test_row_plan_starts(out_f, in_f, k, dtype):
+    gen = torch.Generator().manual_seed(out_f + k)
+    idx = torch.randperm(out_f * in_f, generator=gen)[:k].sort().values.to(dtype)
+    plan = P.build_row_plan(idx, out_f, in_f)
+    assert plan.dtype == torch.int32 and plan.numel() == P.row_plan_len(out_f) and P.is_row_plan(plan, out_f)
+    assert int(plan[P.H_MAGIC]) == P.ROW_MAGIC and int(plan[P.H_K]) == k
+    want = torch.tensor([int((idx.long() < r * in_f).sum()) for r in range(out_f + 1)])
+    assert torch.equal(plan[P.HDR:].long(), want)
+    if k:  # a full plan is never taken for a row plan (it holds >= 2 (out + in) entries)
+        assert not P.is_row_plan(P.build_plan(idx, out_f, in_f), out_f)
+    assert not P.is_row_plan(None, out_f)
+
+
+def test_row_plans_in_layers(monkeypatch):
+    """Where the CUDA wgmma kernel would run (faked here on the CPU), rebuild_sddmm_plans gives a plan-free layer
+    a row plan, and none while candidates are set; candidates installed without a rebuild never see the row
+    plan (it describes the sorted indices alone); the gradients are unchanged."""
+    import spiel.ops.linear as L
+
+    monkeypatch.setattr(P, "cuda_wgmma", lambda device: True)
+    torch.manual_seed(0)
+    layer = SparseDeltaLinear(512, 1024, bias=False, density=0.03)  # plan-free (cuBLAS bands) at this density
+    with torch.no_grad():
+        layer.values.normal_()
+    assert P.is_row_plan(layer.sddmm_plan, 1024)
+    seen = []
+    real = L._sddmm
+    monkeypatch.setattr(L, "_sddmm", lambda go, x, idx, o, i, plan: seen.append((idx.numel(), plan)) or
+                        real(go, x, idx, o, i, plan))
+    x = torch.randn(5, 512)
+    layer(x).square().sum().backward()
+    got = layer.values.grad.clone()
+    assert seen[-1][1] is layer.sddmm_plan
+    layer.values.grad = None
+    plan, layer.sddmm_plan = layer.sddmm_plan, None
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(got, layer.values.grad)
+    layer.sddmm_plan = plan
+    # candidates without a rebuild (the scheduler's trusted path): the op gets no plan for cat(indices, candidates)
+    free = torch.tensor(sorted(set(range(4096)) - set(layer.indices.tolist()))[:50], dtype=layer.indices.dtype)
+    layer.set_candidates(free, rebuild_plan=False)
+    layer(x).square().sum().backward()
+    assert seen[-1] == (layer.indices.numel() + 50, None)
+    layer._rebuild_plan()
+    assert layer.sddmm_plan is None  # candidates set: no row plan
+    layer.clear_candidates()
+    assert P.is_row_plan(layer.sddmm_plan, 1024)

@@ -20,6 +20,7 @@ from ..quant.nf4 import NF4Weight
 from ._validate import WEIGHT_DTYPES, check_indices, check_same_device, check_tensor
 from .merge import merge_delta_eager
 from .nf4 import nf4_dequantize_add_delta_eager
+from .backends.sddmm_plan import is_row_plan
 from .sddmm import sddmm_eager
 
 WeightLike = Union[torch.Tensor, NF4Weight]
@@ -106,8 +107,10 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
             if ctx.has_candidates and need_candidates:
                 k = indices.shape[0]
                 both = torch.cat([indices, candidates.to(indices.dtype)])
+                # a row plan describes the sorted indices alone, not cat(indices, candidates)
+                plan_both = None if is_row_plan(plan, out_features) else plan
                 grads = (torch.ops.spiel.sddmm_fp8(go, x, both, out_features, in_features) if fp8 else
-                         _sddmm(go, x, both, out_features, in_features, plan))
+                         _sddmm(go, x, both, out_features, in_features, plan_both))
                 grad_values = grads[:k].to(ctx.values_dtype) if need_values else None
                 grad_candidates = grads[k:]
             elif fp8:
@@ -139,7 +142,7 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
             [c] leaf requiring grad: its ``.grad`` receives the delta gradient at the candidates (SpIEL-AG),
             computed in the same ``sddmm`` launch as the values' gradient.
         plan: optional ``sddmm_plan`` of ``indices`` (or of ``cat(indices, candidates)`` when candidates
-            are given).
+            are given), or a row plan of ``indices`` (``sddmm_plan.build_row_plan``; ignored for candidates).
         probe: optional callable ``probe(grad_output_2d, input_2d)`` run once in backward (candidate
             selection).
         validate: check index values (a host sync); default: ``spiel.ops.set_validation``'s setting.

@@ -197,3 +197,50 @@ def test_wgmma_large_flat_indices_and_skipped_tiles():
     want, scale = exact(G, off, idx, i)
     got = P.cuda_sddmm(G, off, idx, o, i, plan, strategy="dense_tile")
     assert_close_fp32(got, want, scale, T, "unaligned input")
+
+
+# ---- row plans: the wgmma kernel on sorted indices without a full plan ----------------------------------------
+ROW_CASES = [c for c in WGMMA_CASES if c[4] == "random"] + [
+    (300, 640, 776, 4966, "random"),   # few tiles: T splits, partial sums in list order
+    (33, 250, 136, 2000, "random"),    # odd feature count: cuBLAS bands
+]
+
+
+def test_row_plan_cuda_and_triton():
+    """A row plan (sorted indices) runs the wgmma kernel where it applies (cuBLAS bands elsewhere, and for fp32
+    inputs) and is ignored by the Triton backend: every result against float64, deterministic."""
+    if not _cuda_available():
+        pytest.skip("spiel._C is not built")
+    from spiel.ops.backends.triton import sddmm as TS
+
+    def cuda_row(G, X, idx, o, i, plan):
+        return torch.ops.spiel._cuda_sddmm(G, X, idx, o, i, P.build_row_plan(idx, o, i))
+
+    def triton_row(G, X, idx, o, i, plan):
+        return TS.sddmm(G, X, idx, o, i, P.build_row_plan(idx, o, i))
+
+    pairs = [(torch.bfloat16, torch.int32), (torch.float16, torch.int64), (torch.float32, torch.int32)]
+    check_kernel(cuda_row, DEV, cases=ROW_CASES, pairs=pairs, determinism=True)
+    check_kernel(triton_row, DEV, cases=ROW_CASES[-2:], pairs=pairs[:1])
+
+
+def test_row_plan_layer_on_h100():
+    """rebuild_sddmm_plans gives a LoRA-density layer a row plan on an H100 (none while candidates are set), and
+    its gradients match the plan-free ones."""
+    if not _wgmma_on():
+        pytest.skip("needs an H100/H200 and spiel._C built for 9.0a")
+    from spiel.nn import SparseDeltaLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(512, 1024, bias=False).to(DEV, torch.bfloat16)
+    layer = SparseDeltaLinear.from_linear(base, num_deltas=int(0.03 * 512 * 1024))
+    with torch.no_grad():
+        layer.values.normal_()
+    assert P.is_row_plan(layer.sddmm_plan, 1024)
+    x = torch.randn(3, 100, 512, device=DEV, dtype=torch.bfloat16)
+    layer(x).float().square().sum().backward()
+    got = layer.values.grad.clone()
+    layer.values.grad = None
+    layer.sddmm_plan = None
+    layer(x).float().square().sum().backward()
+    torch.testing.assert_close(got, layer.values.grad, rtol=1e-2, atol=1e-2)

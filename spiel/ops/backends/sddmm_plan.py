@@ -133,6 +133,48 @@ def decode(code: int) -> Dict[str, object]:
             "cuda": STRATEGIES[cuda]}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# row plans: a sorted index set's row starts, for the CUDA wgmma dense_tile without a full plan
+# ---------------------------------------------------------------------------------------------------------
+ROW_MAGIC = 0x5DD3A0
+
+
+def row_plan_len(out_features: int) -> int:
+    """Length of a row plan (never the length of a full plan: those hold >= 2 (out + in) entries)."""
+    return HDR + out_features + 1
+
+
+def is_row_plan(plan: Optional[torch.Tensor], out_features: int) -> bool:
+    """Whether ``plan`` is a row plan (:func:`build_row_plan`): told by its length, no device read."""
+    return plan is not None and plan.dim() == 1 and plan.numel() == row_plan_len(int(out_features))
+
+
+def row_plan_applies(device: torch.device, out_features: int, in_features: int) -> bool:
+    """Whether a row plan changes what runs: the CUDA wgmma kernel (:func:`cuda_wgmma`) takes sorted index sets
+    through it; its TMA rows need feature counts divisible by 8."""
+    return out_features % 8 == 0 and in_features % 8 == 0 and cuda_wgmma(device)
+
+
+def build_row_plan(indices: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """int32 [HDR + out + 1]: header (ROW_MAGIC, k, out, in), then the position in ``indices`` of each row's first
+    entry (row ``out`` = k). ``indices`` must be sorted and unique (a layer's own index set, without candidates);
+    the CUDA backend then runs the wgmma dense_tile from it when that applies, else cuBLAS bands, and the other
+    backends ignore it. O(out) memory against ~16 B per delta for a full plan; one searchsorted, no sync."""
+    out_features, in_features = int(out_features), int(in_features)
+    dev = indices.device
+    idx = indices.reshape(-1)
+    # boundaries in the indices' dtype (int32 indices imply out * in < 2**31; the last one is clamped)
+    bounds = torch.arange(out_features + 1, dtype=torch.int64, device=dev) * in_features
+    if idx.dtype == torch.int32:
+        bounds = bounds.clamp_(max=2**31 - 1).to(torch.int32)
+    else:
+        idx = idx.to(torch.int64)
+    starts = torch.searchsorted(idx, bounds).to(torch.int32)
+    head = torch.zeros(HDR, dtype=torch.int32, device=dev)
+    head[H_MAGIC], head[H_K], head[H_OUT], head[H_IN] = ROW_MAGIC, idx.numel(), out_features, in_features
+    return torch.cat([head, starts])
+
+
 def plan_code(plan: torch.Tensor, k: int, out_features: int, in_features: int) -> Dict[str, object]:
     """Host-side facts about ``plan`` (no device sync): compaction levels and strategy per backend."""
     if plan.dim() != 1 or plan.dtype != torch.int32:

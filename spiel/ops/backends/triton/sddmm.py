@@ -310,6 +310,8 @@ def sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor,
     k = indices.numel()
     T = grad_output.shape[0]
     out_features, in_features = int(out_features), int(in_features)
+    if P.is_row_plan(plan, out_features):  # for the CUDA wgmma kernel only: here the same as no plan
+        plan = None
     if k == 0:
         return torch.empty(0, dtype=torch.float32, device=grad_output.device)
     if T == 0:
