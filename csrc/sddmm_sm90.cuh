@@ -448,8 +448,9 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
           in.nk = (w.t1 - w.t0 + kBK - 1) / kBK;
           in.mode = w.mode;
           in.split = w.split;
-          in.base0 = w.slot0 >= 0 ? __ldg(a.tile_ptr + w.slot0) : 0;
-          in.base1 = w.slot1 >= 0 ? __ldg(a.tile_ptr + w.slot1) : 0;
+          const bool planned = a.row_ptr == nullptr;  // row-plan mode has no tile list (bases unused)
+          in.base0 = planned && w.slot0 >= 0 ? __ldg(a.tile_ptr + w.slot0) : 0;
+          in.base1 = planned && w.slot1 >= 0 ? __ldg(a.tile_ptr + w.slot1) : 0;
           mbar_arrive(info_full + buf);
         }
         uint32_t* bm = bitmaps + buf * kBitmapWords;
