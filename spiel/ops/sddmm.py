@@ -75,7 +75,9 @@ def sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor,
         indices: [k] int32/int64 unique flat row-major positions into [out, in], in range (sorted is fastest).
         plan: optional result of :func:`sddmm_plan` for exactly these indices: the kernels then run the
             strategy its cost model chose. Without a plan the Triton and CUDA backends run dense_blas (the
-            vendor GEMM over bounded row bands, then a gather), the right choice at LoRA-like densities.
+            vendor GEMM over bounded row bands, then a gather), the right choice at LoRA-like densities. A row
+            plan (``sddmm_plan.build_row_plan``, O(out)) of *sorted* indices lets the CUDA backend run its
+            sm90a wgmma kernel instead on H100/H200; the other backends treat it as no plan.
     Returns fp32 [k] (float64 for float64 inputs), accumulated in fp32, deterministic.
     """
     allowed = _INPUT_DTYPES + (torch.float64,)
@@ -89,7 +91,9 @@ def sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor,
         raise ValueError(
             f"grad_output and input must have the same number of tokens, got {tuple(grad_output.shape)} and {tuple(input.shape)}"
         )
-    check_indices(indices, None, out_features * in_features, sorted_required=False)
+    from .backends.sddmm_plan import is_row_plan
+
+    check_indices(indices, None, out_features * in_features, sorted_required=is_row_plan(plan, out_features))
     check_same_device(grad_output=grad_output, input=input, indices=indices, plan=plan)
     go, x = flatten_tokens(grad_output, input)
     return torch.ops.spiel.sddmm(go, x, contiguous("indices", indices), int(out_features), int(in_features), plan)
