@@ -23,6 +23,7 @@ CASES = [  # T, out, in, k, concentrated
     # feature counts divisible by 8: the sm90a wgmma dense_tile kernel on an H100 (T splits; a tail of T halves)
     (70, 304, 200, 2000, False),
     (130, 1152, 4096, 40000, False),
+    (96, 1024, 1024, 104858, False),  # 10%: > 768 entries per half tile (the overflow loop)
 ]
 
 
@@ -48,12 +49,17 @@ def main() -> int:
             for index_dtype in (torch.int32, torch.int64):
                 idx = flat.to(device=DEV, dtype=index_dtype)
                 plan = P.build_plan(idx, out_f, in_f)
-                for strategy in P.STRATEGIES:
-                    got = P.cuda_sddmm(go, x, idx, out_f, in_f, plan, strategy=strategy).double().cpu()
+                runs = [(s, lambda s=s: P.cuda_sddmm(go, x, idx, out_f, in_f, plan, strategy=s))
+                        for s in P.STRATEGIES]
+                # a row plan: the wgmma kernel without a full plan where it applies (cuBLAS bands elsewhere)
+                row_plan = P.build_row_plan(idx, out_f, in_f)
+                runs.append(("row_plan", lambda: torch.ops.spiel._cuda_sddmm(go, x, idx, out_f, in_f, row_plan)))
+                for name, run in runs:
+                    got = run().double().cpu()
                     tol = 1e-2 * want.abs().max().item() + 1e-3
                     if not torch.allclose(got, want, rtol=1e-2, atol=tol):
                         failures += 1
-                        print(f"MISMATCH T={T} {out_f}x{in_f} k={k} {dtype} {index_dtype} {strategy}", flush=True)
+                        print(f"MISMATCH T={T} {out_f}x{in_f} k={k} {dtype} {index_dtype} {name}", flush=True)
     torch.cuda.synchronize()
     print(f"sanitize_sddmm: {failures} mismatches", flush=True)
     return 1 if failures else 0
