@@ -323,6 +323,11 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
     if name in SPIEL_PROVIDERS:
         P.spiel_ops()
         values_dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
+        if getattr(args, "sddmm_row_plans", "auto") == "off":
+            from spiel.ops.backends import sddmm_plan
+
+            sddmm_plan.row_plan_applies = lambda *a, **k: False  # this provider process only
+            notes.append("no sddmm row plans")
         layers = inject_matched(model, rank, notes, values_dtype)
         if name.startswith("spiel-ag-merged"):
             P.import_optional("spiel.nn").merge(model, train=True)
@@ -510,6 +515,9 @@ def parse_args(argv=None):
                    help="spiel optimizers update each layer inside backward and free its gradient")
     p.add_argument("--probe-block-elements", type=int, default=None,
                    help="SpielScheduler block_elements (the AG probe's dense-gradient block; default 2**26)")
+    p.add_argument("--sddmm-row-plans", choices=("auto", "off"), default="auto",
+                   help="row plans for plan-free layers (the sm90a wgmma delta gradient without a full plan; auto: "
+                        "where it runs) or none (cuBLAS bands, as before session 12): an A/B switch")
     p.add_argument("--sync-steps", action="store_true",
                    help="synchronise and time every measured step alone (as sessions 1-9 did) instead of timing "
                         "the window as a training loop runs it")
@@ -567,7 +575,8 @@ def child_argv(args, provider: str, result_json: str, ceilings: bool):
             "--model", args.model, "--reselection-steps", str(args.reselection_steps),
             "--accumulation-steps", str(args.accumulation_steps), "--batch", str(args.batch),
             "--sparse-adamw-fused", args.sparse_adamw_fused, "--sparse-adamw-state", args.sparse_adamw_state,
-            "--sparse-adamw-steps", args.sparse_adamw_steps, "--gc", args.gc]
+            "--sparse-adamw-steps", args.sparse_adamw_steps, "--gc", args.gc,
+            "--sddmm-row-plans", args.sddmm_row_plans]
     if args.sync_steps:
         argv.append("--sync-steps")
     if args.step_in_backward:
