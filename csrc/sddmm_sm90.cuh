@@ -317,32 +317,67 @@ __device__ __forceinline__ void mark_entries(const Args<IdxT>& a, uint32_t* bm, 
 }
 
 // Row-plan mode, builder pass 1: the tile row's entries are the run of sorted indices in [row * in + c0,
-// row * in + c0 + 256): a binary search for its start inside the row, then a scan that sets the bits.
-// runs[lr] / runs[kBM + lr] = the run's [lo, hi) in the index list.
+// row * in + c0 + 256). The index list sits in an L2 that the operand traffic keeps busy (~1 us per dependent
+// load; a binary search and an entry-by-entry scan made the builders, not the tensor cores, set the pace at
+// T = 2048), so every step issues P independent loads (8 int32 or 4 int64 indices: the same registers): a
+// (P + 1)-ary search for the run's start inside the row (2-3 rounds for rows of ~100-300 entries), then P-wide
+// chunks that set the bits until an entry passes the tile. (Two rows at once would take fewer rounds but
+// spill: 168 registers are the kernel's cap.) runs[lr] / runs[kBM + lr] = the run's [lo, hi) in the list.
+
+// The p-th of P probes splitting (s, s + n) into P + 1 parts: strictly increasing in p when n > P.
+template <int P>
+__device__ __forceinline__ int probe_at(int s, int n, int p) {
+  return s + static_cast<int>((static_cast<int64_t>(p + 1) * n) / (P + 1));
+}
+
 template <typename IdxT>
 __device__ __forceinline__ void mark_row_runs(const Args<IdxT>& a, uint32_t* bm, int* runs, int bt, int64_t r0,
                                               int64_t c0) {
+  constexpr int P = sizeof(IdxT) == 4 ? 8 : 4;
+#pragma unroll 1
   for (int lr = bt; lr < kBM; lr += kBuilders) {
-    const int64_t row = r0 + lr;
-    int lo = 0, hi = 0;
+    const int64_t row = r0 + lr, first = row * a.n_in + c0, last = first + kBN;
+    int s = 0, e = 0;
     if (row < a.n_out) {
-      const int64_t first = row * a.n_in + c0, last = first + kBN;
-      int s = __ldg(a.row_ptr + row), e = __ldg(a.row_ptr + row + 1);
-      const int end = e;
-      while (s < e) {
-        const int m = (s + e) >> 1;
-        if (static_cast<int64_t>(__ldg(a.indices + m)) < first) {
-          s = m + 1;
-        } else {
-          e = m;
+      s = __ldg(a.row_ptr + row);
+      e = __ldg(a.row_ptr + row + 1);
+    }
+    const int end = e;
+    // lower bound of `first` in [s, end): always inside [s, e]
+    while (e - s > P) {
+      const int n = e - s;
+      IdxT v[P];
+#pragma unroll
+      for (int p = 0; p < P; ++p) v[p] = __ldg(a.indices + probe_at<P>(s, n, p));
+      int below = 0;  // probes < first: a prefix, the list being sorted
+#pragma unroll
+      for (int p = 0; p < P; ++p) below += static_cast<int64_t>(v[p]) < first;
+      e = below < P ? probe_at<P>(s, n, below) : e;
+      s = below > 0 ? probe_at<P>(s, n, below - 1) + 1 : s;
+    }
+    // from s: entries < first advance lo, entries < last are the tile row's (bits set); an entry past the tile
+    // or the row's end stops
+    int lo = s, hi = s;
+    bool open = s < end;
+    while (open) {
+      IdxT v[P];
+#pragma unroll
+      for (int p = 0; p < P; ++p) v[p] = hi + p < end ? __ldg(a.indices + hi + p) : IdxT(0);
+      const int base = hi;
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int64_t x = static_cast<int64_t>(v[p]);
+        if (base + p >= end || x >= last) {
+          open = false;
+        } else if (open) {  // sorted: nothing after a stop is taken
+          if (x < first) {
+            ++lo;
+          } else {
+            const int lc = static_cast<int>(x - first);
+            bm[lr * kWordsPerRow + (lc >> 5)] |= 1u << (lc & 31);  // the row's words are this thread's alone
+          }
+          ++hi;
         }
-      }
-      lo = hi = s;
-      for (; hi < end; ++hi) {
-        const int64_t v = static_cast<int64_t>(__ldg(a.indices + hi));
-        if (v >= last) break;
-        const int lc = static_cast<int>(v - first);
-        atomicOr(bm + lr * kWordsPerRow + (lc >> 5), 1u << (lc & 31));
       }
     }
     runs[lr] = lo;
@@ -350,18 +385,24 @@ __device__ __forceinline__ void mark_row_runs(const Args<IdxT>& a, uint32_t* bm,
   }
 }
 
-// Row-plan mode, builder pass 2: each entry's output position (its index in the list) cached by its rank in
-// its half tile, as the plan mode's perm would give it.
-template <typename IdxT>
-__device__ __forceinline__ void cache_row_positions(const Args<IdxT>& a, const uint32_t* bm, const uint16_t* pre,
-                                                    const int* runs, int* dest, int bt, int64_t r0, int64_t c0) {
+// Row-plan mode, builder pass 2: each entry's output position (its index in the list: the row run's start plus
+// its place in the row) stored by its rank in its half tile, as the plan mode's perm would give it. Shared
+// memory only: the bitmap holds the columns.
+__device__ __forceinline__ void cache_row_positions(const uint32_t* bm, const uint16_t* pre, const int* runs,
+                                                    int* dest, int bt) {
   for (int lr = bt; lr < kBM; lr += kBuilders) {
-    const int64_t first = (r0 + lr) * a.n_in + c0;
-    for (int j = runs[lr]; j < runs[kBM + lr]; ++j) {
-      const int lc = static_cast<int>(static_cast<int64_t>(__ldg(a.indices + j)) - first);
-      const int wd = lr * kWordsPerRow + (lc >> 5);
-      const int rank = pre[wd] + __popc(bm[wd] & ((1u << (lc & 31)) - 1u));
-      if (rank < kDestCap) dest[(lc >> 7) * kDestCap + rank] = j;
+    int j = runs[lr];
+#pragma unroll
+    for (int wd = 0; wd < kWordsPerRow; ++wd) {
+      uint32_t word = bm[lr * kWordsPerRow + wd];
+      int rank = pre[lr * kWordsPerRow + wd];
+      int* half = dest + (wd >> 2) * kDestCap;  // words 0-3: left half (cols 0-127), 4-7: right half
+      while (word != 0u) {
+        if (rank < kDestCap) half[rank] = j;
+        ++rank;
+        ++j;
+        word &= word - 1u;
+      }
     }
   }
 }
@@ -493,7 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
         }
         if (a.row_ptr != nullptr) {  // output positions by rank, now that the ranks are known
           named_barrier(1, kBuilders);
-          cache_row_positions(a, bm, pre, runs, dests + buf * 2 * kDestCap, bt, r0, c0);
+          cache_row_positions(bm, pre, runs, dests + buf * 2 * kDestCap, bt);
         }
         mbar_arrive(bm_full + buf);
         ++ui;

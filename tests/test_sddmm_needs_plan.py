@@ -141,6 +141,25 @@ def test_row_plan_starts(out_f, in_f, k, dtype):
     assert not P.is_row_plan(None, out_f)
 
 
+def test_build_row_plans_batched():
+    """Many layers at once (boundaries shared per shape, k and dtype): each plan equals its own build, and the
+    plans are separate tensors."""
+    gen = torch.Generator().manual_seed(5)
+    items = []
+    for out_f, in_f, k, dtype in [(64, 96, 300, torch.int32), (64, 96, 300, torch.int32), (64, 96, 300, torch.int64),
+                                  (33, 17, 40, torch.int32), (64, 96, 0, torch.int32)]:
+        idx = torch.randperm(out_f * in_f, generator=gen)[:k].sort().values.to(dtype)
+        items.append((idx, out_f, in_f))
+    plans = P.build_row_plans(items)
+    assert len(plans) == len(items)
+    for plan, (idx, out_f, in_f) in zip(plans, items):
+        assert torch.equal(plan, P.build_row_plan(idx, out_f, in_f))
+        want = torch.tensor([int((idx.long() < r * in_f).sum()) for r in range(out_f + 1)])
+        assert torch.equal(plan[P.HDR:].long(), want) and int(plan[P.H_K]) == idx.numel()
+    assert plans[0].data_ptr() != plans[1].data_ptr()
+    assert P.build_row_plans([]) == []
+
+
 def test_row_plans_in_layers(monkeypatch):
     """Where the CUDA wgmma kernel would run (faked here on the CPU), rebuild_sddmm_plans gives a plan-free layer
     a row plan, and none while candidates are set; candidates installed without a rebuild never see the row

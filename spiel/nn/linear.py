@@ -754,15 +754,16 @@ def rebuild_sddmm_plans(layers, *, balance: bool = True) -> None:
     todo = [(layer, idx.contiguous()) for layer, idx, need in zip(layers, plan_indices, needed) if need]
     # built together: batched over layers of one shape and k, one host read, one bank-conflict balancing pass
     plans = _plan.build_plans([(idx, layer.out_features, layer.in_features) for layer, idx in todo], balance=balance)
-    for layer, idx, need in zip(layers, plan_indices, needed):
+    # no full plan: cuBLAS bands, or on an H100 the wgmma dense_tile through a row plan (O(out) int32; sorted
+    # indices only, so not while candidates are set), built together
+    rows = [(layer, idx) for layer, idx, need in zip(layers, plan_indices, needed)
+            if not need and layer.candidates is None
+            and _plan.row_plan_applies(idx.device, layer.out_features, layer.in_features)]
+    for layer, need in zip(layers, needed):
         if not need:
-            # no full plan: cuBLAS bands, or on an H100 the wgmma dense_tile through a row plan (O(out) int32;
-            # sorted indices only, so not while candidates are set)
-            use_rows = layer.candidates is None and _plan.row_plan_applies(idx.device, layer.out_features,
-                                                                           layer.in_features)
-            layer.sddmm_plan = (_plan.build_row_plan(idx, layer.out_features, layer.in_features) if use_rows
-                                else None)
-    for (layer, _), plan in zip(todo, plans):
+            layer.sddmm_plan = None
+    row_plans = _plan.build_row_plans([(idx, layer.out_features, layer.in_features) for layer, idx in rows])
+    for (layer, _), plan in zip(rows + todo, row_plans + plans):
         layer.sddmm_plan = plan
 
 

@@ -160,19 +160,35 @@ def build_row_plan(indices: torch.Tensor, out_features: int, in_features: int) -
     entry (row ``out`` = k). ``indices`` must be sorted and unique (a layer's own index set, without candidates);
     the CUDA backend then runs the wgmma dense_tile from it when that applies, else cuBLAS bands, and the other
     backends ignore it. O(out) memory against ~16 B per delta for a full plan; one searchsorted, no sync."""
-    out_features, in_features = int(out_features), int(in_features)
-    dev = indices.device
-    idx = indices.reshape(-1)
-    # boundaries in the indices' dtype (int32 indices imply out * in < 2**31; the last one is clamped)
-    bounds = torch.arange(out_features + 1, dtype=torch.int64, device=dev) * in_features
-    if idx.dtype == torch.int32:
-        bounds = bounds.clamp_(max=2**31 - 1).to(torch.int32)
-    else:
-        idx = idx.to(torch.int64)
-    starts = torch.searchsorted(idx, bounds).to(torch.int32)
-    head = torch.zeros(HDR, dtype=torch.int32, device=dev)
-    head[H_MAGIC], head[H_K], head[H_OUT], head[H_IN] = ROW_MAGIC, idx.numel(), out_features, in_features
-    return torch.cat([head, starts])
+    return build_row_plans([(indices, out_features, in_features)])[0]
+
+
+def build_row_plans(items: Sequence[Tuple[torch.Tensor, int, int]]) -> List[torch.Tensor]:
+    """:func:`build_row_plan` for many ``(indices, out_features, in_features)``: the row boundaries and the
+    header are made once per (shape, k, index dtype, device), then each plan costs two launches (a searchsorted
+    into the plan and the header's copy) -- an index update rebuilds every layer's plan at once."""
+    plans: List[torch.Tensor] = []
+    shared: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+    for indices, out_features, in_features in items:
+        out_features, in_features = int(out_features), int(in_features)
+        idx = indices.reshape(-1)
+        if idx.dtype not in (torch.int32, torch.int64):
+            idx = idx.to(torch.int64)
+        key = (out_features, in_features, idx.numel(), idx.dtype, idx.device)
+        if key not in shared:
+            # boundaries in the indices' dtype (int32 indices imply out * in < 2**31; the last one is clamped)
+            bounds = torch.arange(out_features + 1, dtype=torch.int64, device=idx.device) * in_features
+            if idx.dtype == torch.int32:
+                bounds = bounds.clamp_(max=2**31 - 1).to(torch.int32)
+            head = torch.zeros(HDR, dtype=torch.int32)
+            head[H_MAGIC], head[H_K], head[H_OUT], head[H_IN] = ROW_MAGIC, idx.numel(), out_features, in_features
+            shared[key] = bounds, head.to(idx.device)
+        bounds, head = shared[key]
+        plan = torch.empty(row_plan_len(out_features), dtype=torch.int32, device=idx.device)
+        plan[:HDR].copy_(head)
+        torch.searchsorted(idx, bounds, out_int32=True, out=plan[HDR:])
+        plans.append(plan)
+    return plans
 
 
 def plan_code(plan: torch.Tensor, k: int, out_features: int, in_features: int) -> Dict[str, object]:
