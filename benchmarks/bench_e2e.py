@@ -490,7 +490,8 @@ def parse_args(argv=None):
     harness.common_args(p)
     p.add_argument("--model", choices=sorted(SHAPES), default="7b")
     p.add_argument("--providers", default=None,
-                   help="comma list (default: all but lora-bf16; 70b: frozen-nf4,qlora,spiel-nf4): "
+                   help="comma list; a provider may repeat (each run gets its row, the target checks use its last "
+                        "run) (default: all but lora-bf16; 70b: frozen-nf4,qlora,spiel-nf4): "
                         + ",".join(ALL_PROVIDERS))
     p.add_argument("--steps", type=int, default=None,
                    help="measured steps (default: 2 x reselection-steps for spiel, 10 for baselines; "
@@ -780,9 +781,11 @@ def main(argv=None) -> int:
         print(f"   measured ceilings: copy {harness.fmt(ceil.get('copy_tbps'))} TB/s, bf16 GEMM "
               f"{harness.fmt(ceil.get('gemm_tflops'))} TFLOP/s")
 
+    result_of = {id(row): r for row, r in zip(rows, results)}  # one row per run (a provider may repeat)
+
     def g(key, scale=1.0):
         def get(row):
-            r = next((x for x in results if x["provider"] == row["provider"]), {})
+            r = result_of.get(id(row), {})
             v = r.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 return None
