@@ -137,6 +137,17 @@ def main(argv=None) -> int:
                         ps = P.with_strategy(plan, k, out_f, in_f, cuda=s)
                         providers[f"cuda {s}"] = (lambda ps=ps: lambda: torch.ops.spiel._cuda_sddmm(G, X, idx, out_f, in_f, ps))
                     providers["cuda auto"] = lambda: lambda: torch.ops.spiel._cuda_sddmm(G, X, idx, out_f, in_f, plan)
+                    # what a SparseDeltaLinear passes: its full plan where one is needed, else a row plan where the
+                    # sm90a wgmma kernel runs (H100/H200), else none (cuBLAS bands)
+                    if P.needs_plan(idx, out_f, in_f, T_hint=T):
+                        layer_plan, layer_kind = plan, "plan"
+                    elif P.row_plan_applies(device, out_f, in_f):
+                        layer_plan, layer_kind = P.build_row_plan(idx, out_f, in_f), "row plan"
+                    else:
+                        layer_plan, layer_kind = None, "no plan"
+                    rec["layer_plan"] = layer_kind
+                    providers["cuda layer"] = (lambda lp=layer_plan: lambda: torch.ops.spiel._cuda_sddmm(
+                        G, X, idx, out_f, in_f, lp))
                 if hasattr(torch.ops.spiel, "sddmm_fp8") and device.type == "cuda":
                     providers["fp8"] = lambda: lambda: torch.ops.spiel.sddmm_fp8(G, X, idx, out_f, in_f)
 
@@ -158,7 +169,8 @@ def main(argv=None) -> int:
                 if args.paired_rounds > 0 and device.type == "cuda":
                     # the never-slower-than-dense verdict from within-round ratios (separate medians drift by a
                     # few percent with the clocks: the dense baseline alone moved 0.98-1.05 ms across one run)
-                    pair = {n: providers[n]() for n in ("dense+gather", "cuda auto", "cuda dense_blas", "triton auto")
+                    pair = {n: providers[n]() for n in ("dense+gather", "cuda auto", "cuda layer", "cuda dense_blas",
+                                                        "triton auto")
                             if n in providers and isinstance(rec["ms"].get(n), float)}
                     if "dense+gather" in pair and len(pair) > 1:
                         rec["paired"] = paired_ratios(pair, "dense+gather", device, rounds=args.paired_rounds)
@@ -184,7 +196,7 @@ def main(argv=None) -> int:
         rows = []
         for r in summary:
             row = {"case": r["case"], "k": r["k"], "dense": ms(r, "dense+gather"), "cusparse": ms(r, "cusparse"),
-                   "fp8": ms(r, "fp8")}
+                   "fp8": ms(r, "fp8"), "layer": ms(r, "cuda layer"), "layer plan": r.get("layer_plan", "-")}
             for be in ("triton", "cuda"):
                 for s in STRATS + ("auto",):
                     row[f"{be[0]}.{s}"] = ms(r, f"{be} {s}")
@@ -203,9 +215,10 @@ def main(argv=None) -> int:
                 cols.append((f"{be}.{s}", f"{be}.{s}"))
             cols.append((f"{be}: x dense", f"{be}.x"))
             cols.append((f"{be}: pick", f"{be}.pick"))
-        cols.append(("fp8 ms", "fp8"))
+        cols += [("c.layer", "layer"), ("layer plan", "layer plan"), ("fp8 ms", "fp8")]
         print_table(rows, cols, title=f"sddmm, T = {T}, {args.dtype}: median ms (t = triton, c = cuda; "
-                                      "'x dense' = dense ms / auto ms; pick ok = the chosen strategy within 10% of the best)")
+                                      "'x dense' = dense ms / auto ms; pick ok = the chosen strategy within 10% of the best; "
+                                      "c.layer = with the plan a SparseDeltaLinear keeps: full, row or none)")
 
         if any("paired" in r for r in summary):
             prows = []
@@ -214,7 +227,7 @@ def main(argv=None) -> int:
                 for n, v in r.get("paired", {}).items():
                     pr[n] = f"{v['x']:.3f} ({v['x_min']:.3f}-{v['x_max']:.3f})"
                 prows.append(pr)
-            pnames = ("cuda auto", "cuda dense_blas", "triton auto")
+            pnames = ("cuda auto", "cuda layer", "cuda dense_blas", "triton auto")
             print_table(prows, [("case", "case")] + [(n, n) for n in pnames],
                         title=f"paired speed-up over dense+gather: median of {args.paired_rounds} within-round ratios "
                               "(min-max); > 1 = faster than dense")
