@@ -874,6 +874,7 @@ at::Tensor sddmm_cuda(const at::Tensor& grad_output, const at::Tensor& input, co
   TORCH_CHECK(p.is_cuda() && p.dim() == 1 && p.scalar_type() == at::kInt && p.is_contiguous(),
               "sddmm: plan must be the contiguous 1-D int32 CUDA tensor made by sddmm_plan");
   if (p.numel() == kHdr + out_features + 1) {  // a row plan (sddmm_plan.build_row_plan): sorted indices
+    TORCH_CHECK(k < (int64_t(1) << 31), "sddmm: a row plan holds int32 list positions: k must be < 2^31");
     if (wgmma_applies(grad_output, input)) {
       run_dense_tile_wgmma(grad_output, input, indices, nullptr, p.data_ptr<int>() + kHdr, false, false,
                            out_features, in_features, out, stream);

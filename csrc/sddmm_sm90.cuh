@@ -338,9 +338,10 @@ __device__ __forceinline__ void mark_row_runs(const Args<IdxT>& a, uint32_t* bm,
   for (int lr = bt; lr < kBM; lr += kBuilders) {
     const int64_t row = r0 + lr, first = row * a.n_in + c0, last = first + kBN;
     int s = 0, e = 0;
-    if (row < a.n_out) {
-      s = __ldg(a.row_ptr + row);
-      e = __ldg(a.row_ptr + row + 1);
+    if (row < a.n_out) {  // clamped to [0, k]: a row plan of another index set gives wrong sums, never a stray read
+      const int k = static_cast<int>(a.k);
+      e = min(max(__ldg(a.row_ptr + row + 1), 0), k);
+      s = min(max(__ldg(a.row_ptr + row), 0), e);
     }
     const int end = e;
     // lower bound of `first` in [s, end): always inside [s, e]

@@ -757,7 +757,7 @@ def rebuild_sddmm_plans(layers, *, balance: bool = True) -> None:
     # no full plan: cuBLAS bands, or on an H100 the wgmma dense_tile through a row plan (O(out) int32; sorted
     # indices only, so not while candidates are set), built together
     rows = [(layer, idx) for layer, idx, need in zip(layers, plan_indices, needed)
-            if not need and layer.candidates is None
+            if not need and layer.candidates is None and idx.numel() < 2**31
             and _plan.row_plan_applies(idx.device, layer.out_features, layer.in_features)]
     for layer, need in zip(layers, needed):
         if not need:

@@ -174,6 +174,8 @@ def build_row_plans(items: Sequence[Tuple[torch.Tensor, int, int]]) -> List[torc
         idx = indices.reshape(-1)
         if idx.dtype not in (torch.int32, torch.int64):
             idx = idx.to(torch.int64)
+        if idx.numel() >= 2**31:  # its entries are int32 list positions
+            raise ValueError(f"build_row_plan: indices must hold fewer than 2**31 entries, got {idx.numel()}")
         key = (out_features, in_features, idx.numel(), idx.dtype, idx.device)
         if key not in shared:
             # boundaries in the indices' dtype (int32 indices imply out * in < 2**31; the last one is clamped)
