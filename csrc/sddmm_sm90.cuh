@@ -318,7 +318,7 @@ __device__ __forceinline__ void mark_entries(const Args<IdxT>& a, uint32_t* bm, 
 
 // Row-plan mode, builder pass 1: the tile row's entries are the run of sorted indices in [row * in + c0,
 // row * in + c0 + 256). The index list sits in an L2 that the operand traffic keeps busy (~1 us per dependent
-// load; a binary search and an entry-by-entry scan made the builders, not the tensor cores, set the pace at
+// load, estimated from the timings; a binary search and an entry-by-entry scan made the builders, not the tensor cores, set the pace at
 // T = 2048), so every step issues P independent loads (8 int32 or 4 int64 indices: the same registers): a
 // (P + 1)-ary search for the run's start inside the row (2-3 rounds for rows of ~100-300 entries), then P-wide
 // chunks that set the bits until an entry passes the tile. (Two rows at once would take fewer rounds but

@@ -158,6 +158,8 @@ def test_build_row_plans_batched():
         assert torch.equal(plan[P.HDR:].long(), want) and int(plan[P.H_K]) == idx.numel()
     assert plans[0].data_ptr() != plans[1].data_ptr()
     assert P.build_row_plans([]) == []
+    with pytest.raises(TypeError, match="int32 or int64"):
+        P.build_row_plan(items[0][0].to(torch.int16), 64, 96)
 
 
 def test_row_plans_in_layers(monkeypatch):

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _dispatch
+from .backends.sddmm_plan import is_row_plan
 from ._validate import check_indices, check_same_device, check_tensor, contiguous
 
 torch.library.define(
@@ -91,8 +92,6 @@ def sddmm(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor,
         raise ValueError(
             f"grad_output and input must have the same number of tokens, got {tuple(grad_output.shape)} and {tuple(input.shape)}"
         )
-    from .backends.sddmm_plan import is_row_plan
-
     check_indices(indices, None, out_features * in_features, sorted_required=is_row_plan(plan, out_features))
     check_same_device(grad_output=grad_output, input=input, indices=indices, plan=plan)
     go, x = flatten_tokens(grad_output, input)

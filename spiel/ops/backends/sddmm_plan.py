@@ -173,7 +173,7 @@ def build_row_plans(items: Sequence[Tuple[torch.Tensor, int, int]]) -> List[torc
         out_features, in_features = int(out_features), int(in_features)
         idx = indices.reshape(-1)
         if idx.dtype not in (torch.int32, torch.int64):
-            idx = idx.to(torch.int64)
+            raise TypeError(f"build_row_plan: indices must be int32 or int64, got {idx.dtype}")
         if idx.numel() >= 2**31:  # its entries are int32 list positions
             raise ValueError(f"build_row_plan: indices must hold fewer than 2**31 entries, got {idx.numel()}")
         key = (out_features, in_features, idx.numel(), idx.dtype, idx.device)
