@@ -11,8 +11,9 @@ k = 0.2 x active candidates (the first reselection's regrow count). Providers:
                          with ``spiel.ops.select_topk_abs`` on each spiel backend that implements it
   probe 2^24 <backend>   the same with 16 M elements per block (the multi-block path)
   select <backend>       ``select_topk_abs`` alone on the layer's whole gradient (the real |grad| distribution),
-                         the active indices excluded
-  one pass (amax)        one streaming read of that gradient: the select's five passes cost ~5x this
+                         the active indices excluded; ``bf16``: on the gradient rounded to bf16 (what the probe
+                         selects from when the activations are bf16)
+  one pass (amax)        one streaming read of that gradient (fp32 / bf16): the floor of one select pass
   torch.topk             ``torch.topk`` on the same gradient (unsorted, no exclusion), for scale
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
             ref = runner.run(case, "gemm fp32 out", lambda: gemm, info, reference=True)
             ref_ms = ref.get("ms")
             grad = gemm().view(-1)
+            grad16 = grad.bfloat16()
             kb = min(k, grad.numel())
             for backend in ("torch", "cuda"):
                 if kernel_for("select_topk_abs", backend) is None or not ops.backend_info()[backend]["available"] \
@@ -103,14 +105,17 @@ def main(argv=None) -> int:
                 runner.run(case, f"probe 2^24 {backend}",
                            lambda: with_backend(lambda: top_gradient_entries(G, X, active, k, 1 << 24)), info,
                            ref_ms=ref_ms)
-                runner.run(case, f"select {backend}",
-                           lambda: with_backend(lambda: torch.ops.spiel.select_topk_abs(grad, kb, active, 0)), info,
-                           ref_ms=ref_ms)  # the op itself, as the probe calls it: no validation syncs
+                for values, label in ((grad, ""), (grad16, " bf16")):
+                    runner.run(case, f"select {backend}{label}",
+                               lambda: with_backend(lambda: torch.ops.spiel.select_topk_abs(values, kb, active, 0)),
+                               info, ref_ms=ref_ms)  # the op itself, as the probe calls it: no validation syncs
             if args.kernels and device.type == "cuda" and kernel_for("select_topk_abs", "cuda") is not None:
-                kernel_breakdown(case, lambda: kernel_for("select_topk_abs", "cuda")(grad, kb, active, 0))
+                for values, label in ((grad, "fp32"), (grad16, "bf16")):
+                    kernel_breakdown(f"{case} {label}", lambda: kernel_for("select_topk_abs", "cuda")(values, kb, active, 0))
             runner.run(case, "one pass (amax)", lambda: lambda: grad.amax(), info, ref_ms=ref_ms)
+            runner.run(case, "one pass (amax) bf16", lambda: lambda: grad16.amax(), info, ref_ms=ref_ms)
             runner.run(case, "torch.topk", lambda: lambda: torch.topk(grad, kb, sorted=False), info, ref_ms=ref_ms)
-            del grad
+            del grad, grad16
 
     def summary(runner: Runner) -> None:
         print_table(runner.rows, [("case", "case"), ("provider", "provider"), ("ms", "ms"),

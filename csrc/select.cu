@@ -1,23 +1,23 @@
 // Exact top-k of |x| as a set (spiel::select_topk_abs, backend "cuda"): the SpIEL-AG probe's choice of the
 // k largest weight-gradient entries of a layer, 16.7M-67M entries per call.
 //
-// Order: key(x) = bits(fp32 |x|) + 1 (NaN as 0) orders magnitudes as unsigned ints; an excluded position
-// (in `exclude`, shifted by `exclude_offset`) has key 0, below every other; equal keys rank by the smaller
-// position. The answer is the k positions of largest (key, -position), written in ascending position order
-// with their |x| (-inf for an excluded one, returned only when fewer than k others exist).
+// Order: key(x) orders magnitudes as unsigned ints, NaN as 0 (key 1, with zeros); an excluded position (in
+// `exclude`, shifted by `exclude_offset`) has key 0, below every other; equal keys rank by the smaller position.
+// fp32 x: key = bits(|x|) + 1. bf16 / fp16 x: key = (bits(x) & 0x7fff) + 1, the same order in 15 bits, so one
+// histogram of 32768 bins holds every key. The answer is the k positions of largest (key, -position), written in
+// ascending position order with their |x| (-inf for an excluded one, returned only when fewer than k others exist).
 //
-// Schedule (each pass streams x once; no host sync, no sort: one memset and five kernels; for bf16 / fp16 x the
-// third histogram pass returns at once unless the k-th key is 0 or 1, see hist_kernel):
-//   hist<0..2>  radix select over 11 + 11 + 10 bits of the key: a shared-memory histogram per CTA of the keys
-//               whose higher bits match the prefix chosen so far (each CTA also moves the excluded entries of
-//               its share of `exclude` from their key's bin to key 0's), merged into a global histogram; the
-//               last CTA to finish picks the bin that holds the k-th key. After pass 2 the prefix is the k-th
-//               key T: `above` entries have a larger key and `need` = k - above of those equal to T are taken,
-//               the first by position.
-//   count       per warp-contiguous range: entries with key > T and key == T (the warp's excluded entries
-//               marked in a shared-memory bitmap per 8192-entry segment); per-warp and per-CTA totals.
-//   write       the same warp ranges again: each CTA sums the totals of the CTAs before it; ballots give each
-//               chosen entry its output slot.
+// Schedule (no host sync, no sort: one memset and 3 kernels for 16-bit x, 5 for fp32). Every kernel walks
+// warp-contiguous ranges of x with 16-byte loads, the excluded positions of each 8192-entry segment marked in a
+// shared-memory bitmap from a coalesced walk of the sorted `exclude` (walk_range).
+//   levels   radix select: a shared-memory histogram per CTA of the keys matching the prefix chosen so far,
+//            merged into a global histogram; the last CTA to finish picks the bin that holds the k-th key. 16-bit
+//            x: one level of 32768 bins (the whole key); fp32: 11 + 11 + 10 bits. After the last level the prefix
+//            is the k-th key T: `above` entries have a larger key and `need` = k - above of those equal to T are
+//            taken, the first by position.
+//   count    per warp range: entries with key > T and key == T; per-warp and per-CTA totals.
+//   write    the same warp ranges again: each CTA sums the totals of the CTAs before it; a warp scan gives each
+//            chosen entry its output slot.
 // Integer atomics only, so the answer and every count are deterministic.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -30,64 +30,93 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;      // independent loads in flight per thread of the histogram passes
-constexpr int kWarpUnroll = 8;  // the same per lane of count/write (each warp walks its own range); even
-static_assert(kWarpUnroll % 2 == 0, "load_keys pairs the loads of 16-bit entries");
-constexpr int kSegment = 8192;  // entries per exclusion bitmap of a warp in count/write (1 KiB of shared memory)
+constexpr int kSegment = 8192;  // entries per exclusion bitmap of a warp (1 KiB of shared memory)
 constexpr int kSegmentWords = kSegment / 32;
-constexpr int kMaxBins = 2048;
-// workspace (int32): the global histogram, the select state, then (above, ties) per warp of count/write
+constexpr int kMaxBins = 1 << 15;
+// workspace (int32): the global histogram, the select state, then (above, ties) per CTA, then per warp
 constexpr int kCounter = kMaxBins;        // CTAs done with the current pass
-constexpr int kPrefix = kMaxBins + 1;     // key bits fixed so far (the k-th key T after pass 2)
+constexpr int kPrefix = kMaxBins + 1;     // key bits fixed so far (the k-th key T after the last level)
 constexpr int kRemaining = kMaxBins + 2;  // how many of the entries matching the prefix are still to take
 constexpr int kAbove = kMaxBins + 3;      // entries whose key is above every key matching the prefix
-constexpr int kCounts = kMaxBins + 8;    // then (above, ties) per CTA of count/write, then per warp
-
-__host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
-__host__ __device__ constexpr int pass_bits(int pass) { return pass == 2 ? 10 : 11; }
+constexpr int kCounts = kMaxBins + 8;
 
 template <typename T>
-__device__ __forceinline__ uint32_t key_of(T v) {
-  const float f = to_float(v);
-  return isnan(f) ? 1u : __float_as_uint(fabsf(f)) + 1u;  // at most 0x7f800001 (inf): bit 31 stays 0
+constexpr int vec_of() { return 16 / static_cast<int>(sizeof(T)); }  // entries per 16-byte load
+// 16-byte loads in flight per lane in the histogram levels' walk_range, and their CTAs per SM: 64 KiB in flight
+// per SM either way (the streaming passes are latency-bound below that). 16-bit x: the level-0 histogram (128 KiB)
+// allows one CTA per SM: 8 loads per lane, up to 128 registers; fp32: two CTAs, 4 loads in 64 registers.
+template <typename T>
+constexpr int loads_of() { return sizeof(T) == 2 ? 8 : 4; }
+template <typename T>
+constexpr int min_ctas() { return sizeof(T) == 2 ? 1 : 2; }
+template <typename T, int LOADS = loads_of<T>()>
+constexpr int group_of() { return 32 * vec_of<T>() * LOADS; }  // entries per warp step of walk_range
+// count and write run two CTAs per SM (64 registers) for either element size: 16-bit x then takes 2 loads per lane
+// (4 spilled 30-40 bytes)
+template <typename T>
+constexpr int scan_loads() { return sizeof(T) == 2 ? 2 : 4; }
+static_assert(kSegment % group_of<__nv_bfloat16>() == 0 && kSegment % group_of<float>() == 0,
+              "a segment holds whole warp steps");
+
+// Radix levels: 16-bit x one level over the whole 15-bit key; fp32 x bits 21-31, 10-20, 0-9.
+template <typename T>
+constexpr int num_levels() { return sizeof(T) == 2 ? 1 : 3; }
+template <typename T>
+__host__ __device__ constexpr int level_shift(int level) {
+  return sizeof(T) == 2 ? 0 : (level == 0 ? 21 : (level == 1 ? 10 : 0));
+}
+template <typename T>
+__host__ __device__ constexpr int level_bits(int level) {
+  return sizeof(T) == 2 ? 15 : (level == 2 ? 10 : 11);
+}
+template <typename T>
+constexpr int level_smem(int level) { return (1 << level_bits<T>(level)) * static_cast<int>(sizeof(int)); }
+
+__device__ __forceinline__ uint32_t key_of(float v) {
+  return isnan(v) ? 1u : __float_as_uint(fabsf(v)) + 1u;  // at most 0x7f800001 (inf)
+}
+__device__ __forceinline__ uint32_t key_of(__nv_bfloat16 v) {
+  const uint32_t bits = __bfloat16_as_ushort(v) & 0x7fffu;
+  return bits > 0x7f80u ? 1u : bits + 1u;  // NaN: exponent all ones, mantissa not 0
+}
+__device__ __forceinline__ uint32_t key_of(__half v) {
+  const uint32_t bits = __half_as_ushort(v) & 0x7fffu;
+  return bits > 0x7c00u ? 1u : bits + 1u;
 }
 
+template <typename T>
 __device__ __forceinline__ float magnitude_of(uint32_t key) {
-  return key == 0 ? -INFINITY : __uint_as_float(key - 1u);
+  if (key == 0) return -INFINITY;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(key - 1u)));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(key - 1u)));
+  } else {
+    return __uint_as_float(key - 1u);
+  }
 }
 
-// The last CTA of a pass picks the bin of the k-th key among those matching the prefix (bins scanned from the
-// top) and resets the histogram and the CTA counter for the next pass.
-template <int PASS>
-__device__ void pick_bin(int* __restrict__ ws, int k) {
-  constexpr int shift = pass_shift(PASS), bins = 1 << pass_bits(PASS), per_thread = bins / kThreads;
-  using Scan = cub::BlockScan<int, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const int remaining = PASS == 0 ? k : __ldcg(ws + kRemaining);
-  int counts[per_thread];
-  int sum = 0;
+// The keys of a vector of V entries (bit v of `excluded` set: key 0).
+template <typename T>
+__device__ __forceinline__ void keys_of(const Vec16<T>& raw, uint32_t excluded, uint32_t (&keys)[vec_of<T>()]) {
 #pragma unroll
-  for (int j = 0; j < per_thread; ++j) {  // thread t holds bins bins-1-t*per_thread-j: descending keys
-    counts[j] = __ldcg(ws + (bins - 1 - threadIdx.x * per_thread - j));
-    sum += counts[j];
+  for (int v = 0; v < vec_of<T>(); ++v) keys[v] = (excluded >> v) & 1u ? 0u : key_of(raw.v[v]);
+}
+
+// An upper bound of the keys of a vector from its magnitude bits alone (a NaN counts by its bits, above inf; an
+// excluded entry by its value): every key is below T when this is. Count and write skip such vectors, ~99% of
+// them, in ~2 instructions per entry: the exact per-entry keys made those passes instruction-bound (ncu: SM ~65%
+// busy at 26-41% of DRAM bandwidth).
+template <typename T>
+__device__ __forceinline__ uint32_t key_bound(const Vec16<T>& raw) {
+  const uint4 w = reinterpret_cast<const uint4&>(raw);
+  if constexpr (sizeof(T) == 2) {
+    const uint32_t m = __vmaxu2(__vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu),
+                                __vmaxu2(w.z & 0x7fff7fffu, w.w & 0x7fff7fffu));
+    return max(m & 0xffffu, m >> 16) + 1u;
+  } else {
+    return max(max(w.x & 0x7fffffffu, w.y & 0x7fffffffu), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu)) + 1u;
   }
-  int before;
-  Scan(scan_storage).ExclusiveSum(sum, before);
-#pragma unroll
-  for (int j = 0; j < per_thread; ++j) {
-    if (before < remaining && remaining <= before + counts[j]) {  // exactly one bin holds the k-th key
-      const int bin = bins - 1 - threadIdx.x * per_thread - j;
-      const int prefix = PASS == 0 ? 0 : __ldcg(ws + kPrefix);
-      const int above = PASS == 0 ? 0 : __ldcg(ws + kAbove);
-      ws[kPrefix] = prefix | (bin << shift);
-      ws[kRemaining] = remaining - before;
-      ws[kAbove] = above + before;
-    }
-    before += counts[j];
-  }
-  __syncthreads();  // every thread has read its bins before they are cleared
-  for (int i = threadIdx.x; i < kMaxBins; i += kThreads) ws[i] = 0;
-  if (threadIdx.x == 0) ws[kCounter] = 0;
 }
 
 // Whether this CTA is the last of the grid to arrive (after its global writes are visible).
@@ -101,149 +130,181 @@ __device__ __forceinline__ bool last_to_arrive(int* __restrict__ ws) {
   return last;
 }
 
-template <typename T, typename IdxT, int PASS>
-__global__ void __launch_bounds__(kThreads) hist_kernel(const T* __restrict__ x, int64_t n,
-                                                       const IdxT* __restrict__ exclude, int64_t n_excl,
-                                                       int64_t exclude_offset, int k, int* __restrict__ ws) {
-  constexpr int shift = pass_shift(PASS), bins = 1 << pass_bits(PASS), high = shift + pass_bits(PASS);
-  __shared__ int hist[bins];
-  const uint32_t prefix = PASS == 0 ? 0u : static_cast<uint32_t>(ws[kPrefix]);
-  if constexpr (PASS == 2 && sizeof(T) == 2) {
-    // bf16 / fp16 values have at most 11 significant bits, so their keys end in 0...01 (bits 0-12): past key 1
-    // every key that matches the prefix of passes 0-1 (bits 10-31) has bits 0-9 equal to 1, and this pass would
-    // find them all in bin 1. Keys 0 (excluded) and 1 (zero or NaN) differ only in bit 0: then the pass runs. CTAs read prefix bits 10-31 only,
-    // so block 0 setting bit 0 cannot change another CTA's decision; k, above and remaining stay as they are.
-    if ((prefix >> 10) != 0) {
-      if (blockIdx.x == 0 && threadIdx.x == 0) ws[kPrefix] = static_cast<int>(prefix | 1u);
-      return;
-    }
-  }
-  for (int i = threadIdx.x; i < bins; i += kThreads) hist[i] = 0;
+// The j-th bin of this thread's share, in descending key order: thread t holds bins BINS-1-t*per-j, j < per.
+template <int BINS>
+__device__ __forceinline__ int descending_bin(int j) {
+  constexpr int per = BINS / kThreads;
+  return BINS - 1 - static_cast<int>(threadIdx.x) * per - j;
+}
+
+// The last CTA of a level: the global histogram copied into shared memory (`counts`, the CTA's own histogram
+// array) and the global bins and CTA counter cleared for the next level. Returns, via a block scan, the sum of
+// this thread's bins and of the threads' before it.
+template <int BINS>
+__device__ __forceinline__ void gather_bins(int* __restrict__ ws, int* __restrict__ counts, int& sum, int& before) {
+  static_assert(BINS % kThreads == 0, "bins split evenly over the threads");
+  constexpr int per = BINS / kThreads;
+#pragma unroll 8
+  for (int i = threadIdx.x; i < BINS; i += kThreads) counts[i] = __ldcg(ws + i);
   __syncthreads();
-  auto matches = [&](uint32_t key) {
-    if constexpr (PASS == 0) {
-      return true;  // (high is 32 here: no shift)
-    } else {
-      return (key >> high) == (prefix >> high);
-    }
-  };
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kUnroll;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll; base < n; base += stride) {
-    uint32_t keys[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * kThreads + threadIdx.x;
-      keys[u] = i < n ? key_of(x[i]) : 0u;  // 0: no entry (never matches past pass 0, skipped below)
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const bool take = base + u * kThreads + threadIdx.x < n && matches(keys[u]);
-      const uint32_t bin = (keys[u] >> shift) & (bins - 1);
-      // plain shared atomics, even in pass 0 where most entries fall in a few exponent bins: aggregating
-      // equal bins per warp with __match_any_sync measured 2.4x slower (0.206 vs 0.086 ms at 45M entries)
-      if (take) atomicAdd(hist + bin, 1);
-    }
-  }
-  // this CTA's share of the exclude list: each excluded entry moves from its key's bin to key 0's
-  const int64_t share = ceil_div(n_excl, static_cast<int64_t>(gridDim.x));
-  const int64_t e_end = min(n_excl, (blockIdx.x + 1) * share);
-  for (int64_t e = blockIdx.x * share + threadIdx.x; e < e_end; e += kThreads) {
-    const int64_t pos = static_cast<int64_t>(exclude[e]) - exclude_offset;
-    if (pos < 0 || pos >= n) continue;
-    const uint32_t key = key_of(x[pos]);
-    if (matches(key)) atomicSub(hist + ((key >> shift) & (bins - 1)), 1);
-    if (matches(0u)) atomicAdd(hist + 0, 1);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < bins; i += kThreads)
-    if (hist[i] != 0) atomicAdd(ws + i, hist[i]);  // net counts (may be negative for a CTA, never in total)
-  if (last_to_arrive(ws)) pick_bin<PASS>(ws, k);
+#pragma unroll 8
+  for (int i = threadIdx.x; i < BINS; i += kThreads) ws[i] = 0;
+  if (threadIdx.x == 0) ws[kCounter] = 0;
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  sum = 0;
+  for (int j = 0; j < per; ++j) sum += counts[descending_bin<BINS>((j + threadIdx.x) % per)];  // rotated: no bank conflicts
+  Scan(scan_storage).ExclusiveSum(sum, before);
 }
 
-__device__ __forceinline__ uint32_t key_of_bits(uint16_t bits, __nv_bfloat16*) {
-  return key_of(__ushort_as_bfloat16(bits));
-}
-__device__ __forceinline__ uint32_t key_of_bits(uint16_t bits, __half*) { return key_of(__ushort_as_half(bits)); }
-
-// Loads kWarpUnroll * 32 keys of a warp range starting at `base` (lane-interleaved: entry base + u * 32 + lane).
-// 16-bit x (base is even: ranges start at multiples of 32 * kWarpUnroll): each lane loads one 32-bit word of two
-// entries and two shuffles deal them out in the same lane order, half the load instructions of one entry per
-// lane, which left the bf16 count and write passes at 1.9x the fp32 ones per entry (session 10).
-template <typename T>
-__device__ __forceinline__ void load_keys(const T* __restrict__ x, int64_t base, int64_t end, int lane,
-                                          uint32_t (&keys)[kWarpUnroll]) {
-  if constexpr (sizeof(T) == 2) {
-    if ((reinterpret_cast<uintptr_t>(x) & 3u) == 0) {
-      const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
-#pragma unroll
-      for (int p = 0; p < kWarpUnroll / 2; ++p) {
-        const int64_t e = base + p * 64 + 2 * lane;  // this lane's word: entries e and e + 1
-        uint32_t word = 0;
-        if (e + 1 < end) {
-          word = *reinterpret_cast<const uint32_t*>(bits + e);
-        } else if (e < end) {
-          word = bits[e];
-        }
-        // entry base + 64p + l (key u = 2p) is half l & 1 of lane l / 2's word; entry + 32 (u = 2p + 1) of
-        // lane 16 + l / 2's
-        const uint32_t w0 = __shfl_sync(kFullMask, word, lane >> 1);
-        const uint32_t w1 = __shfl_sync(kFullMask, word, 16 + (lane >> 1));
-        const int shift = (lane & 1) * 16;
-        const int64_t i0 = base + p * 64 + lane;
-        keys[2 * p] = i0 < end ? key_of_bits(static_cast<uint16_t>(w0 >> shift), static_cast<T*>(nullptr)) : 0u;
-        keys[2 * p + 1] =
-            i0 + 32 < end ? key_of_bits(static_cast<uint16_t>(w1 >> shift), static_cast<T*>(nullptr)) : 0u;
-      }
-      return;
+// The bin of this thread's share that holds the target-th entry from the top (before < target <= before + sum);
+// `above` gets the entries in higher bins.
+template <int BINS>
+__device__ __forceinline__ int find_bin(const int* __restrict__ counts, int target, int before, int& above) {
+  constexpr int per = BINS / kThreads;
+  int bin = descending_bin<BINS>(per - 1);
+  for (int j = 0; j < per; ++j) {
+    const int count = counts[descending_bin<BINS>(j)];
+    if (target <= before + count) {
+      bin = descending_bin<BINS>(j);
+      break;
     }
+    before += count;
   }
-#pragma unroll
-  for (int u = 0; u < kWarpUnroll; ++u) {
-    const int64_t i = base + u * 32 + lane;
-    keys[u] = i < end ? key_of(x[i]) : 0u;
+  above = before;
+  return bin;
+}
+
+// The last CTA of a level picks the bin of the k-th key among those matching the prefix.
+template <typename T, int LEVEL>
+__device__ void pick_bin(int* __restrict__ ws, int* __restrict__ counts, int k) {
+  constexpr int shift = level_shift<T>(LEVEL), bins = 1 << level_bits<T>(LEVEL);
+  const int remaining = LEVEL == 0 ? k : __ldcg(ws + kRemaining);
+  int sum, before;
+  gather_bins<bins>(ws, counts, sum, before);
+  if (before < remaining && remaining <= before + sum) {  // exactly one thread holds the k-th key's bin
+    int above;
+    const int bin = find_bin<bins>(counts, remaining, before, above);
+    const int prefix = LEVEL == 0 ? 0 : __ldcg(ws + kPrefix);
+    const int above_prefix = LEVEL == 0 ? 0 : __ldcg(ws + kAbove);
+    ws[kPrefix] = prefix | (bin << shift);
+    ws[kRemaining] = remaining - above;
+    ws[kAbove] = above_prefix + above;
   }
 }
 
-// Walks the warp's range [start, end) in position order, kWarpUnroll * 32 entries at a time, calling
-// visit(i, valid, key) in every lane (all lanes together, so visit may use warp votes), with key 0 for an
-// excluded entry. The warp's excluded entries are marked segment by segment in a bitmap in shared memory,
-// filled from a coalesced walk of `exclude` (its entries are sorted): one broadcast shared load per 32 entries
-// instead of a binary search per candidate (which made the write pass 2x a streaming pass).
-template <typename T, typename IdxT, typename Visit>
+// Walks the warp's range [start, end) in position order, one warp step (32 lanes x LOADS 16-byte vectors) at a
+// time: lane l of load u holds the V consecutive entries from base + (32u + l) V. Calls
+// visit(first, raw, valid, excluded) for each load u in all lanes together (so visit may use warp votes and
+// shuffles): raw holds the V entries; bit v of `valid` is set for an entry below `end`, of `excluded` for an
+// excluded one (key 0). The excluded positions of each
+// segment are marked in a bitmap in shared memory from a coalesced walk of `exclude` (sorted): one shared load
+// per vector instead of a search per entry.
+template <int LOADS, typename T, typename IdxT, typename Visit>
 __device__ __forceinline__ void walk_range(const T* __restrict__ x, int64_t start, int64_t end,
                                            const IdxT* __restrict__ exclude, int64_t n_excl,
                                            int64_t exclude_offset, uint32_t* __restrict__ bitmap, Visit visit) {
+  constexpr int V = vec_of<T>(), G = group_of<T, LOADS>();
+  constexpr uint32_t vmask = (1u << V) - 1u;
+  if (start >= end) return;  // warp-uniform
   const int lane = threadIdx.x & 31;
-  int64_t next = n_excl > 0 ? warp_lower_bound(exclude, 0, n_excl, exclude_offset + start) : 0;
+  // 16-byte loads need x on a 16-byte boundary (ranges start at multiples of G entries); a view that starts
+  // elsewhere takes the entries one by one
+  const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+  int64_t next = -1;  // the first exclude entry not placed yet (found at the first segment)
   for (int64_t seg = start; seg < end; seg += kSegment) {
     const int64_t seg_end = min(end, seg + kSegment);
-    if (n_excl > 0) {
-      for (int w = lane; w < kSegmentWords; w += 32) bitmap[w] = 0u;
-      __syncwarp();
-      while (true) {  // place the exclude entries of [seg, seg_end), 32 at a time
-        const int64_t e = next + lane;
-        const int64_t pos = e < n_excl ? static_cast<int64_t>(exclude[e]) - exclude_offset : INT64_MAX;
-        const bool inside = pos < seg_end;  // and >= seg: the earlier ones were placed before
-        if (inside) atomicOr(bitmap + ((pos - seg) >> 5), 1u << ((pos - seg) & 31));
-        const int placed = __popc(__ballot_sync(kFullMask, inside));
-        next += placed;
-        if (placed < 32) break;
-      }
-      __syncwarp();
-    }
-    for (int64_t base = seg; base < seg_end; base += 32 * kWarpUnroll) {
-      uint32_t keys[kWarpUnroll];
-      load_keys(x, base, seg_end, lane, keys);
+    for (int64_t base = seg; base < seg_end; base += G) {
+      Vec16<T> raw[LOADS];
+      if (aligned && base + G <= seg_end) {  // a whole step: every load issued back to back
 #pragma unroll
-      for (int u = 0; u < kWarpUnroll; ++u) {
-        const int64_t i = base + u * 32 + lane;
-        // base - seg is a multiple of 32 * kWarpUnroll: word u of this group is entry i's, bit `lane`
-        if (n_excl > 0 && ((bitmap[((base - seg) >> 5) + u] >> lane) & 1u)) keys[u] = 0u;
-        visit(i, i < seg_end, keys[u]);
+        for (int u = 0; u < LOADS; ++u)
+          raw[u] = *reinterpret_cast<const Vec16<T>*>(x + base + static_cast<int64_t>(u * 32 + lane) * V);
+      } else {
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) {
+          const int64_t first = base + static_cast<int64_t>(u * 32 + lane) * V;
+#pragma unroll
+          for (int v = 0; v < V; ++v) raw[u].v[v] = first + v < seg_end ? x[first + v] : x[seg];
+        }
+      }
+      if (n_excl > 0 && base == seg) {
+        // the segment's bitmap, built while the first step's loads are in flight: 128 sorted exclude entries
+        // (4 per lane) per round of dependent loads
+        if (next < 0) next = warp_lower_bound(exclude, 0, n_excl, exclude_offset + start);
+        __syncwarp();  // the previous segment's bitmap has been read
+        for (int w = lane; w < kSegmentWords; w += 32) bitmap[w] = 0u;
+        __syncwarp();
+        while (true) {
+          int placed = 0;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int64_t e = next + 4 * lane + r;
+            const int64_t pos = e < n_excl ? static_cast<int64_t>(exclude[e]) - exclude_offset : INT64_MAX;
+            if (pos < seg_end) {  // and >= seg: the earlier ones were placed before
+              atomicOr(bitmap + ((pos - seg) >> 5), 1u << ((pos - seg) & 31));
+              ++placed;
+            }
+          }
+          placed = __reduce_add_sync(kFullMask, placed);  // sorted: the placed entries are a prefix
+          next += placed;
+          if (placed < 128) break;
+        }
+        __syncwarp();
+      }
+#pragma unroll
+      for (int u = 0; u < LOADS; ++u) {
+        const int64_t first = base + static_cast<int64_t>(u * 32 + lane) * V;
+        const int64_t left = seg_end - first;
+        const uint32_t valid = left >= V ? vmask : (left > 0 ? (1u << left) - 1u : 0u);
+        // first - seg is a multiple of V (a power of 2 <= 8) below kSegment: the V bits lie in one word
+        const int off = static_cast<int>(first - seg);
+        const uint32_t excluded = n_excl > 0 ? (bitmap[off >> 5] >> (off & 31)) & vmask : 0u;
+        visit(first, raw[u], valid, excluded);
       }
     }
-    __syncwarp();  // every lane has read the bitmap before the next segment clears it
   }
+}
+
+// One radix level: a shared-memory histogram per CTA of the keys matching the prefix, merged into the global
+// one; the last CTA to finish picks the next bin.
+template <typename T, typename IdxT, int LEVEL>
+__global__ void __launch_bounds__(kThreads, min_ctas<T>()) hist_kernel(const T* __restrict__ x, int64_t n,
+                                                                       const IdxT* __restrict__ exclude,
+                                                                       int64_t n_excl, int64_t exclude_offset,
+                                                                       int64_t warp_range, int k,
+                                                                       int* __restrict__ ws) {
+  constexpr int shift = level_shift<T>(LEVEL), bins = 1 << level_bits<T>(LEVEL);
+  constexpr int high = shift + level_bits<T>(LEVEL);
+  extern __shared__ int hist[];  // bins
+  __shared__ uint32_t bitmaps[kWarps][kSegmentWords];
+  const uint32_t prefix = LEVEL == 0 ? 0u : static_cast<uint32_t>(__ldcg(ws + kPrefix));
+  for (int i = threadIdx.x; i < bins; i += kThreads) hist[i] = 0;
+  __syncthreads();
+  const int warp_in_cta = threadIdx.x / 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + warp_in_cta;
+  const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
+  walk_range<loads_of<T>()>(x, start, end, exclude, n_excl, exclude_offset, bitmaps[warp_in_cta],
+                            [&](int64_t, const Vec16<T>& raw, uint32_t valid, uint32_t excluded) {
+                              // past level 0 only keys >= the prefix's lowest can match: most vectors skip
+                              if constexpr (LEVEL > 0) {
+                                if (key_bound(raw) < (prefix >> high << high)) return;
+                              }
+                              uint32_t keys[vec_of<T>()];
+                              keys_of(raw, excluded, keys);
+#pragma unroll
+                              for (int v = 0; v < vec_of<T>(); ++v) {
+                                bool take = (valid >> v) & 1u;
+                                if constexpr (LEVEL > 0) take = take && (keys[v] >> high) == (prefix >> high);
+                                // plain shared atomics: aggregating equal bins per warp with __match_any_sync
+                                // measured 2.4x slower (session 6)
+                                if (take) atomicAdd(hist + ((keys[v] >> shift) & (bins - 1)), 1);
+                              }
+                            });
+  __syncthreads();
+  for (int i = threadIdx.x; i < bins; i += kThreads)
+    if (hist[i] != 0) atomicAdd(ws + i, hist[i]);
+  if (last_to_arrive(ws)) pick_bin<T, LEVEL>(ws, hist, k);  // (every merge is done: the CTA's array is free)
 }
 
 __device__ __forceinline__ unsigned long long pack_counts(int above, int ties) {
@@ -256,7 +317,7 @@ __device__ __forceinline__ unsigned long long load_counts(const int* __restrict_
 
 // Per warp range: entries with key > T and key == T. Writes each warp's counts and each CTA's total.
 template <typename T, typename IdxT>
-__global__ void __launch_bounds__(kThreads) count_kernel(const T* __restrict__ x, int64_t n,
+__global__ void __launch_bounds__(kThreads, 2) count_kernel(const T* __restrict__ x, int64_t n,
                                                         const IdxT* __restrict__ exclude, int64_t n_excl,
                                                         int64_t exclude_offset, int64_t warp_range,
                                                         int* __restrict__ ws) {
@@ -265,12 +326,19 @@ __global__ void __launch_bounds__(kThreads) count_kernel(const T* __restrict__ x
   const int lane = threadIdx.x & 31, warp_in_cta = threadIdx.x / 32;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + warp_in_cta;
   const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
-  const uint32_t threshold = static_cast<uint32_t>(ws[kPrefix]);
+  const uint32_t threshold = static_cast<uint32_t>(__ldcg(ws + kPrefix));
   int above = 0, ties = 0;
-  walk_range(x, start, end, exclude, n_excl, exclude_offset, bitmaps[warp_in_cta],
-             [&](int64_t, bool valid, uint32_t key) {
-               above += valid && key > threshold;
-               ties += valid && key == threshold;
+  walk_range<scan_loads<T>()>(x, start, end, exclude, n_excl, exclude_offset, bitmaps[warp_in_cta],
+             [&](int64_t, const Vec16<T>& raw, uint32_t valid, uint32_t excluded) {
+               if (key_bound(raw) < threshold) return;
+               uint32_t keys[vec_of<T>()];
+               keys_of(raw, excluded, keys);
+#pragma unroll
+               for (int v = 0; v < vec_of<T>(); ++v) {
+                 const bool in = (valid >> v) & 1u;
+                 above += in && keys[v] > threshold;
+                 ties += in && keys[v] == threshold;
+               }
              });
   above = __reduce_add_sync(kFullMask, above);
   ties = __reduce_add_sync(kFullMask, ties);
@@ -290,13 +358,14 @@ __global__ void __launch_bounds__(kThreads) count_kernel(const T* __restrict__ x
   }
 }
 
-// The same warp ranges: ballots give each chosen entry its slot (the chosen entries before it).
+// The same warp ranges: a warp scan gives each chosen entry its slot (the chosen entries before it).
 template <typename T, typename IdxT>
-__global__ void __launch_bounds__(kThreads) write_kernel(const T* __restrict__ x, int64_t n,
+__global__ void __launch_bounds__(kThreads, 2) write_kernel(const T* __restrict__ x, int64_t n,
                                                         const IdxT* __restrict__ exclude, int64_t n_excl,
                                                         int64_t exclude_offset, int64_t warp_range,
                                                         const int* __restrict__ ws, int64_t* __restrict__ positions,
                                                         float* __restrict__ magnitudes) {
+  constexpr int V = vec_of<T>();
   __shared__ uint32_t bitmaps[kWarps][kSegmentWords];
   __shared__ unsigned long long warp_before[kWarps];
   using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
@@ -321,37 +390,120 @@ __global__ void __launch_bounds__(kThreads) write_kernel(const T* __restrict__ x
   }
   __syncthreads();
   const int64_t start = min(n, warp * warp_range), end = min(n, start + warp_range);
-  if (start >= end) return;  // warp-uniform, after the CTA-wide steps
-  const uint32_t threshold = static_cast<uint32_t>(ws[kPrefix]);
-  const int need = ws[kRemaining];  // ties to take, the first by position
+  const uint32_t threshold = static_cast<uint32_t>(__ldcg(ws + kPrefix));
+  const int need = __ldcg(ws + kRemaining);  // ties to take, the first by position
   int above_before = static_cast<int>(warp_before[warp_in_cta] >> 32);
   int ties_before = static_cast<int>(warp_before[warp_in_cta] & 0xffffffffu);
-  const unsigned lanes_below = (1u << lane) - 1u;
-  walk_range(x, start, end, exclude, n_excl, exclude_offset, bitmaps[warp_in_cta],
-             [&](int64_t i, bool valid, uint32_t key) {
-               const bool is_above = valid && key > threshold;
-               const bool is_tie = valid && key == threshold;
-               const unsigned above_mask = __ballot_sync(kFullMask, is_above);
-               const unsigned tie_mask = __ballot_sync(kFullMask, is_tie);
-               const int my_above = above_before + __popc(above_mask & lanes_below);
-               const int my_ties = ties_before + __popc(tie_mask & lanes_below);
-               if (is_above || (is_tie && my_ties < need)) {
-                 const int64_t slot = static_cast<int64_t>(my_above) + min(my_ties, need);
-                 positions[slot] = i;
-                 magnitudes[slot] = magnitude_of(key);
+  walk_range<scan_loads<T>()>(x, start, end, exclude, n_excl, exclude_offset, bitmaps[warp_in_cta],
+             [&](int64_t first, const Vec16<T>& raw, uint32_t valid, uint32_t excluded) {
+               const bool maybe = key_bound(raw) >= threshold;
+               if (__ballot_sync(kFullMask, maybe) == 0) return;  // nothing chosen in this load: no scan
+               // (above, ties) of this lane's V entries packed in 16 + 16 bits (a warp step holds <= 32 * V)
+               uint32_t keys[V];  // set where maybe (only read where mine != 0)
+               uint32_t mine = 0;
+               if (maybe) {
+                 keys_of(raw, excluded, keys);
+#pragma unroll
+                 for (int v = 0; v < V; ++v) {
+                   const bool in = (valid >> v) & 1u;
+                   mine += (in && keys[v] > threshold) ? (1u << 16) : (in && keys[v] == threshold ? 1u : 0u);
+                 }
                }
-               above_before += __popc(above_mask);
-               ties_before += __popc(tie_mask);
+               uint32_t inclusive = mine;
+#pragma unroll
+               for (int d = 1; d < 32; d <<= 1) {
+                 const uint32_t up = __shfl_up_sync(kFullMask, inclusive, d);
+                 if (lane >= d) inclusive += up;
+               }
+               const uint32_t exclusive = inclusive - mine, warp_total = __shfl_sync(kFullMask, inclusive, 31);
+               if (mine != 0) {
+                 int my_above = above_before + static_cast<int>(exclusive >> 16);
+                 int my_ties = ties_before + static_cast<int>(exclusive & 0xffffu);
+#pragma unroll
+                 for (int v = 0; v < V; ++v) {
+                   if (!((valid >> v) & 1u)) continue;
+                   if (keys[v] > threshold) {
+                     const int64_t slot = static_cast<int64_t>(my_above) + min(my_ties, need);
+                     positions[slot] = first + v;
+                     magnitudes[slot] = magnitude_of<T>(keys[v]);
+                     ++my_above;
+                   } else if (keys[v] == threshold) {
+                     if (my_ties < need) {
+                       const int64_t slot = static_cast<int64_t>(my_above) + my_ties;
+                       positions[slot] = first + v;
+                       magnitudes[slot] = magnitude_of<T>(keys[v]);
+                     }
+                     ++my_ties;
+                   }
+                 }
+               }
+               above_before += static_cast<int>(warp_total >> 16);
+               ties_before += static_cast<int>(warp_total & 0xffffu);
              });
+}
+
+// Lets `kernel` use `smem` bytes of dynamic shared memory on the current device (above the 48 KiB default);
+// per call, as the attribute belongs to the device's context (a few us of host only for the 16-bit levels).
+template <typename Kernel>
+void allow_smem(Kernel kernel, int smem) {
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
 }
 
 // CTAs of `kernel` resident per SM: grids are sized to one full wave (a partial second wave of these
 // streaming kernels would cost up to a third of their time).
 template <typename Kernel>
-int resident_ctas(Kernel kernel) {
+int resident_ctas(Kernel kernel, int smem) {
+  allow_smem(kernel, smem);
   int ctas = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, smem));
   return ctas > 0 ? ctas : 1;
+}
+
+// The launches of one call (a template, so the fp32-only levels are not instantiated for 16-bit x).
+template <typename T, typename IdxT>
+void launch_select(const T* x_ptr, int64_t n, const IdxT* excl_ptr, int64_t n_excl, int64_t exclude_offset,
+                   int64_t k, int sms, const at::TensorOptions& options, int64_t* positions,
+                   float* magnitudes, cudaStream_t stream) {
+  constexpr int G = group_of<T>();
+  // one wave each; the levels share one warp partition, count and write another
+  static const int hist_ctas = [] {
+    int ctas = resident_ctas(hist_kernel<T, IdxT, 0>, level_smem<T>(0));
+    if constexpr (num_levels<T>() == 3) {
+      ctas = std::min({ctas, resident_ctas(hist_kernel<T, IdxT, 1>, level_smem<T>(1)),
+                       resident_ctas(hist_kernel<T, IdxT, 2>, level_smem<T>(2))});
+    }
+    return ctas;
+  }();
+  static const int scan_ctas =
+      std::min(resident_ctas(count_kernel<T, IdxT>, 0), resident_ctas(write_kernel<T, IdxT>, 0));
+  const int64_t max_blocks = std::max<int64_t>(1, ceil_div(n, static_cast<int64_t>(kWarps) * G));
+  const int64_t hist_blocks = std::min<int64_t>(max_blocks, static_cast<int64_t>(hist_ctas) * sms);
+  const int64_t blocks = std::min<int64_t>(max_blocks, static_cast<int64_t>(scan_ctas) * sms);
+  const int64_t warps = blocks * kWarps;
+  const int64_t hist_range = ceil_div(ceil_div(n, hist_blocks * kWarps), G) * G;
+  const int64_t warp_range = ceil_div(ceil_div(n, warps), G) * G;
+  auto ws = at::zeros({kCounts + 2 * blocks + 2 * warps}, options.dtype(at::kInt));
+  int* ws_ptr = ws.data_ptr<int>();
+  const int k32 = static_cast<int>(k);
+  const dim3 hist_grid(static_cast<unsigned>(hist_blocks)), grid(static_cast<unsigned>(blocks));
+  auto level = [&](auto kernel, int smem) {
+    allow_smem(kernel, smem);
+    kernel<<<hist_grid, kThreads, smem, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, hist_range, k32,
+                                                  ws_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  level(hist_kernel<T, IdxT, 0>, level_smem<T>(0));
+  if constexpr (num_levels<T>() == 3) {
+    level(hist_kernel<T, IdxT, 1>, level_smem<T>(1));
+    level(hist_kernel<T, IdxT, 2>, level_smem<T>(2));
+  }
+  count_kernel<T, IdxT><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, warp_range,
+                                                       ws_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  write_kernel<T, IdxT><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, warp_range,
+                                                       ws_ptr, positions, magnitudes);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -376,40 +528,15 @@ std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int
   if (k == 0) return {positions, magnitudes};
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t max_blocks = std::max<int64_t>(1, ceil_div(n, static_cast<int64_t>(kThreads) * kUnroll));
   const int sms = num_sms(x.get_device());
   const int64_t n_excl = has_exclude ? exclude->numel() : 0;
   const auto index_type = has_exclude ? exclude->scalar_type() : at::kInt;
   SPIEL_DISPATCH_FLOAT(x.scalar_type(), T, what, [&] {
     SPIEL_DISPATCH_INDEX(index_type, IdxT, what, [&] {
-      // one wave each: the histogram passes stride over x; count and write share one warp partition
-      static const int hist_ctas = std::min({resident_ctas(hist_kernel<T, IdxT, 0>),
-                                             resident_ctas(hist_kernel<T, IdxT, 1>),
-                                             resident_ctas(hist_kernel<T, IdxT, 2>)});
-      static const int scan_ctas = std::min(resident_ctas(count_kernel<T, IdxT>), resident_ctas(write_kernel<T, IdxT>));
-      const int64_t hist_blocks = std::min<int64_t>(max_blocks, static_cast<int64_t>(hist_ctas) * sms);
-      const int64_t blocks = std::min<int64_t>(max_blocks, static_cast<int64_t>(scan_ctas) * sms);
-      const int64_t warps = blocks * kWarps;
-      const int64_t warp_range = ceil_div(ceil_div(n, warps), 32 * kWarpUnroll) * 32 * kWarpUnroll;
-      auto ws = at::zeros({kCounts + 2 * blocks + 2 * warps}, x.options().dtype(at::kInt));
-      int* ws_ptr = ws.data_ptr<int>();
-      const T* x_ptr = static_cast<const T*>(x.data_ptr());
-      const IdxT* excl_ptr = has_exclude ? static_cast<const IdxT*>(exclude->data_ptr()) : nullptr;
-      const int k32 = static_cast<int>(k);
-      const dim3 hist_grid(static_cast<unsigned>(hist_blocks)), grid(static_cast<unsigned>(blocks));
-      hist_kernel<T, IdxT, 0><<<hist_grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      hist_kernel<T, IdxT, 1><<<hist_grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      hist_kernel<T, IdxT, 2><<<hist_grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, k32, ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      count_kernel<T, IdxT><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, warp_range,
-                                                           ws_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      write_kernel<T, IdxT><<<grid, kThreads, 0, stream>>>(x_ptr, n, excl_ptr, n_excl, exclude_offset, warp_range,
-                                                           ws_ptr, positions.data_ptr<int64_t>(),
-                                                           magnitudes.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_select<T, IdxT>(static_cast<const T*>(x.data_ptr()), n,
+                             has_exclude ? static_cast<const IdxT*>(exclude->data_ptr()) : nullptr, n_excl,
+                             exclude_offset, k, sms, x.options(), positions.data_ptr<int64_t>(),
+                             magnitudes.data_ptr<float>(), stream);
     });
   });
   return {positions, magnitudes};

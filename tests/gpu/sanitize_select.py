@@ -17,12 +17,13 @@ from test_select_op import check_select  # noqa: E402
 if not ops.backend_info()["cuda"]["available"] or kernel_for("select_topk_abs", "cuda") is None:
     print("cuda: unavailable")
 else:
-    if os.environ.get("SANITIZE_TOOL") == "racecheck":
-        n = check_select(kernel_for("select_topk_abs", "cuda"), "cuda", sizes=(70_001,), kinds=("ties", "offset"),
-                         dtypes=(torch.float32,), index_dtypes=(torch.int32,))
+    kernel = kernel_for("select_topk_abs", "cuda")
+    if os.environ.get("SANITIZE_TOOL") == "racecheck":  # fp32: three 2048/1024-bin levels; bf16: one of 32768
+        n = check_select(kernel, "cuda", sizes=(70_001,), kinds=("ties", "offset"),
+                         dtypes=(torch.float32, torch.bfloat16), index_dtypes=(torch.int32,))
     else:
-        n = check_select(kernel_for("select_topk_abs", "cuda"), "cuda", sizes=(1, 7, 1000, 70_001),
-                         dtypes=(torch.float32, torch.bfloat16))
+        n = check_select(kernel, "cuda", sizes=(1, 7, 1000, 70_001), dtypes=(torch.float32, torch.bfloat16))
+        n += check_select(kernel, "cuda", sizes=(7, 70_001), dtypes=(torch.float16,))
     torch.cuda.synchronize()
     print(f"cuda: {n} checks")
 print("sanitize_select done")

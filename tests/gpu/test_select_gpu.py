@@ -125,3 +125,27 @@ def test_16bit_paired_and_unaligned_loads():
                 got = kernel(x, k, exclude, 0)
                 want = oracle(x, k, exclude, 0)
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, offset, k)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_heavy_tails_and_exclusions(dtype):
+    """Normal and heavy-tailed values (one half scaled down 1e3, every 97th entry of the other up 1e3), zeros,
+    dense exclusions (2%) at every k from 1 to past the non-excluded count: the oracle's answer. 16-bit x takes
+    the one-level 32768-bin histogram, fp32 the three levels; x of 1M entries spans many warp ranges and segments."""
+    kernel = _cuda()
+    g = torch.Generator(device=DEV).manual_seed(7)
+    n = 1_000_003
+    smooth = torch.randn(n, device=DEV, generator=g)
+    skewed = smooth.clone()
+    skewed[: n // 2] *= 1e-3
+    skewed[n // 2:: 97] *= 1e3
+    exclude = torch.randperm(n, device=DEV, generator=g)[: n // 50].sort().values
+    for base in (smooth, skewed):
+        x = base.to(dtype)
+        x[::1013] = 0
+        for k in (1, 5_000, 200_001, n - exclude.numel() + 3):
+            for excl in (exclude, None):
+                got = kernel(x, k, excl, 0)
+                want = oracle(x, k, excl, 0)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, k)
