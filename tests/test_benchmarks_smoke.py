@@ -179,8 +179,8 @@ def test_bench_select_small_cpu(tmp_path):
     assert "AG probe on one layer" in stdout
     rows = _rows(out_csv)
     timed = {r["provider"] for r in rows if r["ms"] and float(r["ms"]) > 0}
-    assert timed == {"gemm fp32 out", "probe torch", "probe 2^24 torch", "select torch", "one pass (amax)",
-                     "torch.topk"}, rows
+    assert timed == {"gemm fp32 out", "probe torch", "probe 2^24 torch", "select torch", "select torch bf16",
+                     "one pass (amax)", "one pass (amax) bf16", "torch.topk"}, rows
     # no CUDA here: the cuda rows are recorded as skipped, with the reason
     assert all("unavailable" in r["note"] for r in rows if r["provider"] not in timed), rows
 

@@ -21,11 +21,11 @@ __all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_indices_tru
 
 #: Most elements (L * k) one batch of the update works on: bounds its temporaries (~70 bytes per element at the
 #: drop's peak: fp32 values, their sort, int64 positions and slots). H100, 7B AG: at 2**26 the update step peaked
-#: 4.4 GiB above the plain steps, at 2**24 0.73 GiB (session 3) and in session 7, with the stale gradients freed
-#: first, still 0.6 GiB above the previous peak (17.85 GiB against 17.25); 2**22 keeps it below the AG window's
-#: peak, at ~40 batches of ~80 launches each per update (the apply is host-bound: 180-280 ms of host for 84 ms
-#: of kernels at 7B).
-BATCH_ELEMENTS = 1 << 22
+#: 4.4 GiB above the plain steps, at 2**24 0.73 GiB (session 3); the apply is host-bound (~80 launches per batch:
+#: 100-270 ms of host for 85 ms of kernels at 7B), so the batches are as large as the plain step's peak allows:
+#: 2**23 (~0.55 GiB of temporaries, 20 batches at 7B; the scheduler phase peaked at 16.65 GiB with 2**22 against the
+#: backward's 17.02, session 13).
+BATCH_ELEMENTS = 1 << 23
 
 T = TypeVar("T")
 

@@ -410,9 +410,10 @@ def needs_plan(indices: torch.Tensor, out_features: int, in_features: int, *, T_
     return needs_plan_many([(indices, out_features, in_features)], T_hint=T_hint)[0]
 
 
-#: Most index entries one batched count of :func:`needs_plan_many` works on (bounds its temporaries: ~16 B per
-#: entry); layers of one shape and k are counted together up to it.
-COUNT_BATCH_ELEMENTS = 1 << 22
+#: Most index entries one batched count of :func:`needs_plan_many` works on (bounds its temporaries: ~16-24 B per
+#: entry); layers of one shape and k are counted together up to it. 2**23: ~15 launches per batch, 20 batches for
+#: the 224 layers of a 7B index update (host-bound, like the rest of the update).
+COUNT_BATCH_ELEMENTS = 1 << 23
 
 
 def presence_counts(items: Sequence[Tuple[torch.Tensor, int, int]]) -> Dict[int, List[int]]:
