@@ -466,17 +466,25 @@ def needs_plan_many(items: Sequence[Tuple[torch.Tensor, int, int]], *, T_hint: i
         if i not in host:
             result.append(True)  # k = 0: the plan says "nothing to compute"
             continue
-        out_features, in_features = int(out_features), int(in_features)
         n_tiles, n_r, n_c = host[i]
-        if choose_levels(out_features, in_features, n_r, n_c) != (0, 0):
-            result.append(True)
-            continue
-        stats = {"n_tiles": n_tiles, "n_items": 0, "nR": n_r, "nC": n_c, "n_ctiles": n_tiles, "span_sum": 0}
-        # the CUDA wgmma dense_tile is not a reason to build a plan: plans cost ~16 B per delta (2.5 GB for a
-        # 7B model at LoRA-r64 density, session 11) where the plan-free cuBLAS bands run within ~5% of it
-        result.append(any(_pick(estimate_costs(T_hint, out_features, in_features, indices.numel(), stats, backend))
-                          != "dense_blas" for backend in BACKENDS))
+        # the layers of one model share a few (shape, k, counts): decided once each (~60 us of Python per call)
+        result.append(_needs_plan_for(int(out_features), int(in_features), indices.numel(), n_tiles, n_r, n_c,
+                                      int(T_hint), tuple(COST.values())))
     return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _needs_plan_for(out_features: int, in_features: int, k: int, n_tiles: int, n_r: int, n_c: int,
+                    T_hint: int, cost: tuple) -> bool:
+    """:func:`needs_plan`'s decision from the presence counts; ``cost`` (the values of :data:`COST`) is part of
+    the cache key, so a recalibration is never answered from stale entries."""
+    if choose_levels(out_features, in_features, n_r, n_c) != (0, 0):
+        return True
+    stats = {"n_tiles": n_tiles, "n_items": 0, "nR": n_r, "nC": n_c, "n_ctiles": n_tiles, "span_sum": 0}
+    # the CUDA wgmma dense_tile is not a reason to build a plan: plans cost ~16 B per delta (2.5 GB for a 7B
+    # model at LoRA-r64 density, session 11) where the plan-free cuBLAS bands run within ~5% of it
+    return any(_pick(estimate_costs(T_hint, out_features, in_features, k, stats, backend)) != "dense_blas"
+               for backend in BACKENDS)
 
 
 def plan_stats(plan: torch.Tensor, k: int, out_features: int, in_features: int) -> Dict[str, int]:
