@@ -107,7 +107,7 @@ def select_topk_abs(x: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = N
     ``[exclude_offset, exclude_offset + len(x))`` are ignored), so one sorted list of a layer's active indices
     serves every row block of its gradient. An excluded position is returned only when fewer than ``k`` others
     exist, with magnitude ``-inf``. ``x`` is not modified. No host sync (the CUDA kernel is a radix select:
-    five streaming passes over ``x``; the reference copies ``x`` once).
+    three streaming passes over 16-bit ``x``, five over fp32; the reference copies ``x`` once).
     """
     check_tensor("x", x, dtypes=_FLOATS, ndim=1)
     _check_k(k, x.numel(), "the number of elements of x")

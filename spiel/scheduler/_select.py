@@ -95,7 +95,7 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
     low_precision = _uses_low_precision_gemm(grad_output, input)
     x = input if low_precision or input.dtype == torch.float32 else input.float()  # upcast once, not per block
     # one gradient buffer for every block; the selection op reads it (|.|, NaN as 0, the active indices of the
-    # block ranked last) without writing it: on CUDA a radix select of five streaming passes, no host sync
+    # block ranked last) without writing it: on CUDA a radix select of three streaming passes (bf16/fp16 blocks), no host sync
     buf = torch.empty(block_n, dtype=grad_output.dtype if low_precision else torch.float32, device=device)
     tops_pos, tops_score, pending = [], [], 0
     for r0 in range(0, out_f, rows_per_block):
