@@ -21,6 +21,8 @@ TORCH_LIBRARY_FRAGMENT(spiel, m) {
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
       "float host_count) -> ()");
   m.def("_cuda_select_topk_abs(Tensor x, int k, Tensor? exclude, int exclude_offset) -> (Tensor, Tensor)");
+  m.def("_cuda_index_put_many_(Tensor(a!)[] dense, Tensor[] indices, Tensor[] values) -> ()");
+  m.def("_cuda_index_select_many(Tensor[] dense, Tensor[] indices, Tensor(a!)[] out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
@@ -30,6 +32,8 @@ TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
   m.impl("_cuda_sddmm", &spiel::sddmm_cuda);
   m.impl("_cuda_adamw_step_", &spiel::adamw_step_cuda);
   m.impl("_cuda_select_topk_abs", &spiel::select_topk_abs_cuda);
+  m.impl("_cuda_index_put_many_", &spiel::index_put_many_cuda);
+  m.impl("_cuda_index_select_many", &spiel::index_select_many_cuda);
 }
 
 // `import spiel._C` loads the library (and with it the registrations above). Host-side queries take no

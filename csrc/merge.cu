@@ -440,4 +440,129 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   return {packed, absmax};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// index_put_many_ / index_select_many: dense[i].view(-1)[indices[i]] = entries[i] (put) or entries[i] =
+// dense[i].view(-1)[indices[i]] (select) for a list of tensors in one launch per kEntryTensors of them. An index
+// update of a model trained merged restores, saves and rewrites the entries of every layer's weight: three
+// index_put_/index ops per layer (672 launches at 7B, 24 ms of GPU and ~30 us of host each), now three launches.
+// Entries are copied as raw bits (any 2-, 4- or 8-byte dtype, the same for dense and entries).
+// ---------------------------------------------------------------------------------------------------------
+namespace {
+
+constexpr int kEntryThreads = 256;
+constexpr int kEntryUnroll = 4;
+constexpr int kEntryTensors = 64;
+constexpr int64_t kEntryMaxGridX = 65535;
+
+struct EntryTensors {
+  void* dense[kEntryTensors];
+  const void* indices[kEntryTensors];
+  void* entries[kEntryTensors];
+  int64_t count[kEntryTensors];  // entries of tensor i
+  int64_t numel[kEntryTensors];  // elements of dense[i]
+};
+
+template <typename E, typename IdxT, bool PUT>
+__global__ void __launch_bounds__(kEntryThreads) entries_many_kernel(const EntryTensors t) {
+  const int i = blockIdx.y;
+  const int64_t n = t.count[i], numel = t.numel[i];
+  E* __restrict__ dense = static_cast<E*>(t.dense[i]);
+  const IdxT* __restrict__ indices = static_cast<const IdxT*>(t.indices[i]);
+  E* __restrict__ entries = static_cast<E*>(t.entries[i]);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kEntryThreads * kEntryUnroll;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kEntryThreads * kEntryUnroll + threadIdx.x; base < n;
+       base += stride) {
+    int64_t at[kEntryUnroll];
+#pragma unroll
+    for (int u = 0; u < kEntryUnroll; ++u) {  // the indices first: kEntryUnroll independent loads in flight
+      const int64_t e = base + u * kEntryThreads;
+      at[u] = e < n ? static_cast<int64_t>(indices[e]) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kEntryUnroll; ++u) {
+      const int64_t e = base + u * kEntryThreads;
+      // out-of-range indices are skipped (memory safety); the public op validates them
+      if (e >= n || at[u] < 0 || at[u] >= numel) continue;
+      if constexpr (PUT) {
+        dense[at[u]] = entries[e];
+      } else {
+        entries[e] = dense[at[u]];
+      }
+    }
+  }
+}
+
+template <bool PUT>
+void entries_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorList entries, const char* what) {
+  const size_t n = dense.size();
+  TORCH_CHECK(indices.size() == n && entries.size() == n, what,
+              ": dense, indices and entries must have the same length");
+  if (n == 0) return;
+  const auto device = dense[0].device();
+  const auto dtype = dense[0].scalar_type();
+  const auto index_type = indices[0].scalar_type();
+  for (size_t i = 0; i < n; ++i) {
+    check_cuda_contig(dense[i], what, "dense");
+    check_cuda_contig(indices[i], what, "indices");
+    check_cuda_contig(entries[i], what, "entries");
+    TORCH_CHECK(dense[i].device() == device && indices[i].device() == device && entries[i].device() == device, what,
+                ": every tensor must be on ", device, " (item ", i, ")");
+    TORCH_CHECK(dense[i].scalar_type() == dtype && entries[i].scalar_type() == dtype, what,
+                ": dense and entries must all have dtype ", dtype, " (item ", i, ")");
+    TORCH_CHECK(indices[i].scalar_type() == index_type, what, ": indices must all have dtype ", index_type,
+                " (item ", i, ")");
+    TORCH_CHECK(indices[i].numel() == entries[i].numel(), what, ": indices[", i, "] and entries[", i,
+                "] must have as many elements");
+  }
+  const int elem = static_cast<int>(c10::elementSize(dtype));
+  TORCH_CHECK(elem == 2 || elem == 4 || elem == 8, what, ": unsupported dtype ", dtype, " (2, 4 or 8 bytes)");
+  const c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto bits) {
+    using E = decltype(bits);
+    SPIEL_DISPATCH_INDEX(index_type, IdxT, what, [&] {
+      EntryTensors pack;
+      int count = 0;
+      int64_t largest = 0;
+      auto launch = [&] {
+        const int64_t blocks =
+            std::min(ceil_div(largest, static_cast<int64_t>(kEntryThreads) * kEntryUnroll), kEntryMaxGridX);
+        entries_many_kernel<E, IdxT, PUT><<<dim3(static_cast<unsigned>(blocks), count), kEntryThreads, 0, stream>>>(pack);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        count = 0;
+        largest = 0;
+      };
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t k = indices[i].numel();
+        if (k == 0) continue;
+        pack.dense[count] = dense[i].data_ptr();
+        pack.indices[count] = indices[i].data_ptr();
+        pack.entries[count] = entries[i].data_ptr();
+        pack.count[count] = k;
+        pack.numel[count] = dense[i].numel();
+        largest = std::max(largest, k);
+        if (++count == kEntryTensors) launch();
+      }
+      if (count > 0) launch();
+    });
+  };
+  if (elem == 2) {
+    run(uint16_t{});
+  } else if (elem == 4) {
+    run(uint32_t{});
+  } else {
+    run(uint64_t{});
+  }
+}
+
+}  // namespace
+
+void index_put_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values) {
+  entries_many_cuda<true>(dense, indices, values, "spiel::_cuda_index_put_many_");
+}
+
+void index_select_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorList out) {
+  entries_many_cuda<false>(dense, indices, out, "spiel::_cuda_index_select_many");
+}
+
 }  // namespace spiel

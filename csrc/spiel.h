@@ -42,4 +42,10 @@ std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int
                                                         const std::optional<at::Tensor>& exclude,
                                                         int64_t exclude_offset);
 
+// dense[i].view(-1)[indices[i]] = values[i] for every i (index_put_many_), or out[i] = dense[i].view(-1)[indices[i]]
+// (index_select_many): one launch per 64 tensors; dense and values/out share one 2-, 4- or 8-byte dtype, indices
+// int32 or int64 (one dtype), out-of-range indices skipped.
+void index_put_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values);
+void index_select_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorList out);
+
 }  // namespace spiel

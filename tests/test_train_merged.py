@@ -244,3 +244,56 @@ def test_merged_op_does_not_save_values():
     assert not any(t.data_ptr() == b.values.data_ptr() for t in packed["merged"])
     assert len(packed["merged"]) == len(packed["unmerged"]) - 1
     assert torch.equal(a.values.grad, b.values.grad)
+
+
+@pytest.mark.parametrize("weight_dtype,values_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                                       (torch.float32, torch.float32)])
+def test_refresh_merged_entries_batched(monkeypatch, weight_dtype, values_dtype):
+    """refresh_merged_entries writes what each layer's forward would (bit for bit; chunked; mixed k), skips
+    current and unmerged layers, and leaves the refreshed layers current: their forwards write nothing. The
+    scheduler's step calls it, so a training loop's forwards never rewrite merged entries."""
+    monkeypatch.setattr(snn.linear, "REFRESH_BATCH_ELEMENTS", 50)  # several chunks, one layer alone in one
+    torch.manual_seed(3)
+    shapes = [(37, 29, 40), (16, 8, 9), (20, 30, 70), (5, 6, 3)]
+    layers = [SparseDeltaLinear(i, o, num_deltas=k, dtype=weight_dtype, values_dtype=values_dtype)
+              for i, o, k in shapes]
+    twins = copy.deepcopy(layers)
+    for layer in layers + twins:
+        layer.merge_(train=True)
+    plain = SparseDeltaLinear(8, 8, num_deltas=5)
+    with torch.no_grad():
+        for a, b in zip(layers, twins):
+            step = torch.randn(a.values.shape).to(values_dtype)
+            a.values.add_(step)
+            b.values.add_(step)
+    current = layers[3]
+    current._refresh_merged_entries()  # already written: skipped
+    writes = []
+    original = SparseDeltaLinear._write_merged_entries
+    monkeypatch.setattr(SparseDeltaLinear, "_write_merged_entries",
+                        lambda self: (writes.append(self), original(self))[1])
+    snn.refresh_merged_entries(layers + [plain])
+    assert writes == []  # batched, not through the per-layer write
+    for b in twins:
+        b._refresh_merged_entries()  # the per-layer path
+    for a, b in zip(layers, twins):
+        assert torch.equal(a.weight, b.weight)
+        assert a._merged_key() == a._merged_written
+    writes.clear()
+    for a in layers:
+        a(torch.randn(2, a.in_features).to(weight_dtype))
+    assert writes == []
+    # in a training loop the scheduler's step refreshes every merged layer: no forward rewrites entries
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 16))
+    snn.inject(model, density=0.1)
+    snn.merge(model, train=True)
+    opt = SparseAdamW(model, lr=0.05)
+    sched = SpielScheduler(model, opt, "ag", total_steps=40, reselection_steps=4, accumulation_steps=2)
+    for _ in range(6):
+        model(torch.randn(8, 24)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    writes.clear()
+    model(torch.randn(8, 24))
+    assert writes == []

@@ -12,6 +12,8 @@ and Triton / CUDA kernels where available, chosen by :func:`set_backend` (defaul
 ``topk_abs`` / ``topk_outer``   deterministic top-k (ties by position), outer product never formed
 ``select_topk_abs``             the k largest |x| as an ascending set, excluded positions last (AG probe)
 ``adamw_step_``                 fused AdamW over lists of tensors with per-slot (or per-tensor host) step counts (in place)
+``index_put_many_``             ``dense[i].view(-1)[indices[i]] = values[i]`` for a list, one launch per 64 tensors
+``index_select_many``           ``out[i] = dense[i].view(-1)[indices[i]]`` for a list (merged layers' index updates)
 ==============================  =================================================================
 """
 from ._dispatch import (
@@ -31,11 +33,12 @@ from .sddmm_fp8 import sddmm_fp8
 from .linear import sparse_delta_linear, effective_weight
 from .topk import select_topk_abs, topk_abs, topk_outer
 from .adamw import adamw_step_
+from .entries import index_put_many_, index_select_many
 from . import backends  # noqa: F401  (registers the kernels)
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "backend_info", "get_backend", "set_backend", "set_validation", "use_backend",
     "validation_enabled", "merge_delta", "nf4_dequantize", "nf4_dequantize_add_delta", "nf4_quantize", "sddmm",
     "sddmm_plan", "sddmm_fp8", "sparse_delta_linear", "effective_weight", "topk_abs", "topk_outer",
-    "select_topk_abs", "adamw_step_",
+    "select_topk_abs", "adamw_step_", "index_put_many_", "index_select_many",
 ]

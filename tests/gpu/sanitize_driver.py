@@ -134,6 +134,30 @@ def run_checks() -> int:
             check(f"quant packed {wd} bs={bs} n={n}", packed, (q[0::2] << 4) | q[1::2])
             out = torch.empty(n, dtype=torch.float32, device=DEV)
             ops._cuda_nf4_dequantize_add_delta(packed, absmax, None, None, 0.0, bs, empty, empty.float(), out)
+    # index_put_many_ / index_select_many: 2-, 4- and 8-byte dtypes, both index dtypes, > 64 tensors (two
+    # launches), empty and one-element entries, out-of-range indices (skipped: never a stray access)
+    for dt, idd in itertools.product(FLOATS + [torch.float64], INDEXES):
+        shapes = [(3, 5), (37, 129), (1, 1), (5, 7)] * 17 + [(67, 300)]
+        dense = [torch.randn(s, device=DEV).to(dt) for s in shapes]
+        ks = [min(s[0] * s[1], (7 * j) % 400) for j, s in enumerate(shapes)]
+        idxs = [torch.randperm(s[0] * s[1], device=DEV)[:k].to(idd) for s, k in zip(shapes, ks)]
+        vals = [torch.randn(k, device=DEV).to(dt) for k in ks]
+        want = [d.clone() for d in dense]
+        for w, i, v in zip(want, idxs, vals):
+            w.view(-1)[i.long()] = v
+        ops._cuda_index_put_many_(dense, idxs, vals)
+        for j, (d, w) in enumerate(zip(dense, want)):
+            check(f"index_put_many {dt} {idd} [{j}]", d.view(-1), w.view(-1))
+        outs = [torch.full((k,), float("nan"), device=DEV).to(dt) for k in ks]
+        ops._cuda_index_select_many(dense, idxs, outs)
+        for j, (d, i, o) in enumerate(zip(dense, idxs, outs)):
+            check(f"index_select_many {dt} {idd} [{j}]", o, d.view(-1)[i.long()])
+        bad = [torch.tensor([-1, 15, 2], device=DEV, dtype=idd)]
+        before = dense[0].clone()
+        ops._cuda_index_put_many_([dense[0]], bad, [torch.ones(3, device=DEV).to(dt)])
+        expect = before.view(-1).clone()
+        expect[2] = 1
+        check(f"index_put_many out of range {dt} {idd}", dense[0].view(-1), expect)
     torch.cuda.synchronize()
     print(f"sanitize_driver: {len(FAILURES)} mismatches", flush=True)
     return 1 if FAILURES else 0

@@ -79,3 +79,13 @@ if AVAILABLE:
             # the kernel compares fp32 magnitudes; fp64 input is rounded first (the contract compares in fp32)
             x = x.float() if x.dtype == torch.float64 else x
             return _ops._cuda_select_topk_abs(x, int(k), exclude, int(exclude_offset))
+
+    if hasattr(_ops, "_cuda_index_put_many_"):
+
+        @register_kernel("index_put_many", "cuda")
+        def index_put_many(dense, indices, values) -> None:
+            _ops._cuda_index_put_many_(dense, indices, values)
+
+        @register_kernel("index_select_many", "cuda")
+        def index_select_many(dense, indices, out) -> None:
+            _ops._cuda_index_select_many(dense, indices, out)
