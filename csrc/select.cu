@@ -197,9 +197,8 @@ __device__ void pick_bin(int* __restrict__ ws, int* __restrict__ counts, int k) 
 // time: lane l of load u holds the V consecutive entries from base + (32u + l) V. Calls
 // visit(first, raw, valid, excluded) for each load u in all lanes together (so visit may use warp votes and
 // shuffles): raw holds the V entries; bit v of `valid` is set for an entry below `end`, of `excluded` for an
-// excluded one (key 0). The excluded positions of each
-// segment are marked in a bitmap in shared memory from a coalesced walk of `exclude` (sorted): one shared load
-// per vector instead of a search per entry.
+// excluded one (key 0). The excluded positions of each segment are marked in a bitmap in shared memory from a
+// coalesced walk of `exclude` (sorted): one shared load per vector instead of a search per entry.
 template <int LOADS, typename T, typename IdxT, typename Visit>
 __device__ __forceinline__ void walk_range(const T* __restrict__ x, int64_t start, int64_t end,
                                            const IdxT* __restrict__ exclude, int64_t n_excl,
