@@ -252,7 +252,7 @@ def test_refresh_merged_entries_batched(monkeypatch, weight_dtype, values_dtype)
     """refresh_merged_entries writes what each layer's forward would (bit for bit; chunked; mixed k), skips
     current and unmerged layers, and leaves the refreshed layers current: their forwards write nothing. The
     scheduler's step calls it, so a training loop's forwards never rewrite merged entries."""
-    monkeypatch.setattr(snn.linear, "REFRESH_BATCH_ELEMENTS", 50)  # several chunks, one layer alone in one
+    monkeypatch.setattr(snn.linear, "MERGED_WRITE_BATCH_ELEMENTS", 50)  # several chunks, one layer alone in one
     torch.manual_seed(3)
     shapes = [(37, 29, 40), (16, 8, 9), (20, 30, 70), (5, 6, 3)]
     layers = [SparseDeltaLinear(i, o, num_deltas=k, dtype=weight_dtype, values_dtype=values_dtype)

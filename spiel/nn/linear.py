@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops.linear import apply_sparse_delta_linear
 from ..ops.backends import sddmm_plan as _plan
+from .._batching import group_batches
 from ..quant.nf4 import NF4Weight
 
 __all__ = ["SparseDeltaLinear", "random_indices", "index_dtype_for", "resolve_num_deltas", "is_bnb_linear4bit",
@@ -824,8 +825,8 @@ def set_indices_many(layers: Sequence["SparseDeltaLinear"], indices: torch.Tenso
         rebuild_sddmm_plans(layers)
 
 
-#: Most entries one stacked add of :func:`refresh_merged_entries` works on (its temporaries: ~14 B per entry).
-REFRESH_BATCH_ELEMENTS = 1 << 23
+#: Most entries one batched write of merged entries works on (its temporaries: ~14 B per entry).
+MERGED_WRITE_BATCH_ELEMENTS = 1 << 23
 
 
 @torch.no_grad()
@@ -835,60 +836,40 @@ def refresh_merged_entries(layers) -> None:
     values)`` as the layer's forward would write (bit for bit), in a few launches per ~8M entries instead of four
     per layer (~900 launches per step at 7B, on a host-bound step). Layers not trained merged, or current, are
     skipped; a later forward finds the refreshed layers current. ``SpielScheduler.step`` calls it."""
-    groups: Dict[tuple, list] = defaultdict(list)
-    for layer in layers:
-        if not isinstance(layer, SparseDeltaLinear) or not layer.train_merged:
-            continue
-        if layer._merged_key() == layer._merged_written or layer.merge_saved is None:
-            continue
-        w, idx, vals = layer.weight.data, layer.indices, layer.values
-        groups[(w.dtype, vals.dtype, idx.dtype, w.device)].append((layer, w, idx, layer.merge_saved, vals))
-    for (w_dtype, _, _, _), members in groups.items():
-        acc = torch.promote_types(torch.float32, w_dtype)
-        for chunk in _chunks_by_size(members, lambda m: m[2].numel(), REFRESH_BATCH_ELEMENTS):
-            merged = torch.add(torch.cat([saved for _, _, _, saved, _ in chunk]).to(acc),
-                               torch.cat([vals.detach() for _, _, _, _, vals in chunk]).to(acc)).to(w_dtype)
-            torch.ops.spiel.index_put_many_([w for _, w, _, _, _ in chunk], [idx for _, _, idx, _, _ in chunk],
-                                            list(merged.split([idx.numel() for _, _, idx, _, _ in chunk])))
-            for layer, _, _, _, _ in chunk:
-                layer.__dict__["_merged_written"] = layer._merged_key()  # as _write_merged_entries leaves it
+    _write_merged_many([layer for layer in layers
+                        if isinstance(layer, SparseDeltaLinear) and layer.train_merged
+                        and layer.merge_saved is not None and layer._merged_key() != layer._merged_written])
 
 
-def _chunks_by_size(items, size, budget: int):
-    """``items`` cut into consecutive chunks of at most ``budget`` total ``size`` (a larger item alone)."""
-    chunk, total = [], 0
-    for item in items:
-        if chunk and total + size(item) > budget:
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(item)
-        total += size(item)
-    if chunk:
-        yield chunk
+def _write_merged_many(layers: Sequence["SparseDeltaLinear"]) -> None:
+    """weight[indices] = round(saved + values) for layers trained merged, as
+    :meth:`SparseDeltaLinear._write_merged_entries` computes it: one concatenated add and one
+    ``index_put_many_`` per batch of layers with one (weight, values, index) dtype and device."""
+    key = lambda layer: (layer.weight.dtype, layer.values.dtype, layer.indices.dtype, layer.indices.device)  # noqa: E731
+    for batch in group_batches(layers, key, lambda layer: layer.indices.numel(), MERGED_WRITE_BATCH_ELEMENTS):
+        weights = [layer.weight.data for layer in batch]
+        idxs = [layer.indices for layer in batch]
+        acc = torch.promote_types(torch.float32, weights[0].dtype)
+        merged = torch.add(torch.cat([layer.merge_saved for layer in batch]).to(acc),
+                           torch.cat([layer.values.detach() for layer in batch]).to(acc)).to(weights[0].dtype)
+        torch.ops.spiel.index_put_many_(weights, idxs, list(merged.split([idx.numel() for idx in idxs])))
+        for layer in batch:
+            layer.__dict__["_merged_written"] = layer._merged_key()  # a plain attribute: no Module.__setattr__
 
 
 @torch.no_grad()
 def _merge_many(layers: Sequence["SparseDeltaLinear"]) -> None:
-    """The merge for training of layers whose weight holds its original entries again (after new indices): per
-    layer the original entries at the new indices are saved and ``round(saved + values)`` written there, as
-    :meth:`SparseDeltaLinear._write_merged_entries` computes it (one stacked add per dtype pair)."""
+    """The merge for training of layers whose weight holds its original entries again (after new indices): the
+    original entries at the new indices are saved (one ``index_select_many`` per dtype, into each layer's own
+    buffer) and ``round(saved + values)`` written there (:func:`_write_merged_many`)."""
     groups: Dict[tuple, list] = defaultdict(list)
     for layer in layers:
         w, idx = layer.weight.data, layer.indices
         saved = layer.merge_saved
         if saved is None or saved.shape != idx.shape or saved.dtype != w.dtype or saved.device != w.device:
             layer.merge_saved = saved = torch.empty(idx.shape, dtype=w.dtype, device=w.device)
-        groups[(w.dtype, layer.values.dtype, idx.dtype, idx.numel())].append((layer, w, idx, saved))
-    for (w_dtype, _, _, _), members in groups.items():
-        weights = [w for _, w, _, _ in members]
-        idxs = [idx for _, _, idx, _ in members]
-        saved_rows = [saved for _, _, _, saved in members]
-        # one launch per 64 layers each (the saves into their own buffers, then the writes): 3 x 224 index ops
-        # per 7B index update were ~24 ms of GPU and host-bound
-        torch.ops.spiel.index_select_many(weights, idxs, saved_rows)
-        acc = torch.promote_types(torch.float32, w_dtype)
-        saved = torch.stack(saved_rows).to(acc)
-        merged = torch.add(saved, torch.stack([layer.values.detach() for layer, _, _, _ in members]).to(acc))
-        torch.ops.spiel.index_put_many_(weights, idxs, list(merged.to(w_dtype).unbind(0)))
-        for layer, _, _, _ in members:
-            layer.__dict__["_merged_written"] = layer._merged_key()  # a plain attribute: no Module.__setattr__
+        groups[(w.dtype, idx.dtype, w.device)].append((w, idx, saved))
+    for members in groups.values():
+        torch.ops.spiel.index_select_many([w for w, _, _ in members], [i for _, i, _ in members],
+                                          [v for _, _, v in members])
+    _write_merged_many(layers)

@@ -8,11 +8,11 @@ the permutation of the optimizer's per-slot state (its ``reindex_many``, else ``
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Callable, Dict, Hashable, List, Sequence, Tuple, TypeVar
+from typing import Callable, Hashable, List, Sequence, Tuple, TypeVar
 
 import torch
 
+from .._batching import group_batches
 from ..nn.linear import SparseDeltaLinear, rebuild_sddmm_plans, set_indices_many
 from ._select import top_abs_rows
 
@@ -32,22 +32,8 @@ T = TypeVar("T")
 
 def batches(items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int],
             budget: int = BATCH_ELEMENTS) -> List[List[T]]:
-    """``items`` grouped by ``key`` (first-seen order, item order kept inside a group), each group cut into
-    consecutive batches of at most ``budget`` total ``size`` (a larger item forms a batch of its own)."""
-    groups: Dict[Hashable, List[T]] = defaultdict(list)
-    for item in items:
-        groups[key(item)].append(item)
-    out: List[List[T]] = []
-    for members in groups.values():
-        cur, total = [], 0
-        for item in members:
-            if cur and total + size(item) > budget:
-                out.append(cur)
-                cur, total = [], 0
-            cur.append(item)
-            total += size(item)
-        out.append(cur)
-    return out
+    """:func:`spiel._batching.group_batches` with the update's budget (:data:`BATCH_ELEMENTS`) by default."""
+    return group_batches(items, key, size, budget)
 
 
 def set_indices_trusted(layer, indices: torch.Tensor, values: torch.Tensor) -> None:
