@@ -23,6 +23,7 @@ TORCH_LIBRARY_FRAGMENT(spiel, m) {
   m.def("_cuda_select_topk_abs(Tensor x, int k, Tensor? exclude, int exclude_offset) -> (Tensor, Tensor)");
   m.def("_cuda_index_put_many_(Tensor(a!)[] dense, Tensor[] indices, Tensor[] values) -> ()");
   m.def("_cuda_index_select_many(Tensor[] dense, Tensor[] indices, Tensor(a!)[] out) -> ()");
+  m.def("_cuda_drop_regrow_indices(Tensor[] values, Tensor[] indices, Tensor regrown) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
@@ -34,6 +35,7 @@ TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
   m.impl("_cuda_select_topk_abs", &spiel::select_topk_abs_cuda);
   m.impl("_cuda_index_put_many_", &spiel::index_put_many_cuda);
   m.impl("_cuda_index_select_many", &spiel::index_select_many_cuda);
+  m.impl("_cuda_drop_regrow_indices", &spiel::drop_regrow_indices_cuda);
 }
 
 // `import spiel._C` loads the library (and with it the registrations above). Host-side queries take no

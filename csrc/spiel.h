@@ -48,4 +48,10 @@ std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int
 void index_put_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values);
 void index_select_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorList out);
 
+// An index update's drop + regrow for L rows of k (spiel/ops/replace.py has the contract): the n smallest |values[i]|
+// leave (ties: the larger position), regrown[i] comes in. Returns (new indices [L, k] in indices' dtype, ascending;
+// order [L, k] int64: old slot of each new slot, -1 where regrown). Radix select + one merge pass, no host sync.
+std::tuple<at::Tensor, at::Tensor> drop_regrow_indices_cuda(at::TensorList values, at::TensorList indices,
+                                                            const at::Tensor& regrown);
+
 }  // namespace spiel

@@ -185,6 +185,16 @@ def test_bench_select_small_cpu(tmp_path):
     assert all("unavailable" in r["note"] for r in rows if r["provider"] not in timed), rows
 
 
+def test_bench_replace_small_cpu(tmp_path):
+    out_csv = tmp_path / "replace.csv"
+    stdout = _run("bench_replace.py", "--small", "--device", "cpu", "--csv", str(out_csv))
+    assert "drop + regrow of one update batch" in stdout
+    rows = _rows(out_csv)
+    timed = {r["provider"] for r in rows if r["ms"] and float(r["ms"]) > 0}
+    assert timed == {"copy 20 B/entry", "op torch"}, rows
+    assert all("unavailable" in r["note"] for r in rows if r["provider"] not in timed), rows
+
+
 def test_bench_optim_small_cpu(tmp_path):
     out_csv = tmp_path / "optim.csv"
     stdout = _run("bench_optim.py", "--small", "--device", "cpu", "--csv", str(out_csv))

@@ -14,6 +14,7 @@ and Triton / CUDA kernels where available, chosen by :func:`set_backend` (defaul
 ``adamw_step_``                 fused AdamW over lists of tensors with per-slot (or per-tensor host) step counts (in place)
 ``index_put_many_``             ``dense[i].view(-1)[indices[i]] = values[i]`` for a list, one launch per 64 tensors
 ``index_select_many``           ``out[i] = dense[i].view(-1)[indices[i]]`` for a list (merged layers' index updates)
+``drop_regrow_indices``         an index update's drop + regrow for a batch of rows: new indices and the slot order
 ==============================  =================================================================
 """
 from ._dispatch import (
@@ -34,11 +35,12 @@ from .linear import sparse_delta_linear, effective_weight
 from .topk import select_topk_abs, topk_abs, topk_outer
 from .adamw import adamw_step_
 from .entries import index_put_many_, index_select_many
+from .replace import drop_regrow_indices
 from . import backends  # noqa: F401  (registers the kernels)
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "backend_info", "get_backend", "set_backend", "set_validation", "use_backend",
     "validation_enabled", "merge_delta", "nf4_dequantize", "nf4_dequantize_add_delta", "nf4_quantize", "sddmm",
     "sddmm_plan", "sddmm_fp8", "sparse_delta_linear", "effective_weight", "topk_abs", "topk_outer",
-    "select_topk_abs", "adamw_step_", "index_put_many_", "index_select_many",
+    "select_topk_abs", "adamw_step_", "index_put_many_", "index_select_many", "drop_regrow_indices",
 ]

@@ -1,20 +1,20 @@
 """The drop + regrow of an index update, for a batch of layers at once (no host sync of its own).
 
 Layers are batched when they share a device, k and the number n of indices replaced; for each batch the drop (keep
-the ``k - n`` largest ``|value|``, ties: the larger position leaves), the merge of kept and regrown positions and
-the gathering of the new values are a fixed number of launches on ``[L, k]`` tensors, and so are the writes of the
-new indices and values into the layers (:func:`spiel.nn.linear.set_indices_many`, the trusted ``set_indices``) and
-the permutation of the optimizer's per-slot state (its ``reindex_many``, else ``reindex`` per layer).
+the ``k - n`` largest ``|value|``, ties: the larger position leaves) and the merge of kept and regrown positions are
+one op (:func:`spiel.ops.drop_regrow_indices`: nine CUDA launches), the gathering of the new values a few launches
+on ``[L, k]`` tensors, and so are the writes of the new indices and values into the layers
+(:func:`spiel.nn.linear.set_indices_many`, the trusted ``set_indices``) and the permutation of the optimizer's
+per-slot state (its ``reindex_many``, else ``reindex`` per layer).
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, List, Sequence, Tuple, TypeVar
+from typing import Callable, Hashable, List, Sequence, TypeVar
 
 import torch
 
 from .._batching import group_batches
 from ..nn.linear import SparseDeltaLinear, rebuild_sddmm_plans, set_indices_many
-from ._select import top_abs_rows
 
 __all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_indices_trusted_many", "set_candidates_trusted",
            "rebuild_plans", "reindex_many"]
@@ -89,23 +89,6 @@ def rebuild_plans(layers: Sequence) -> None:
         rebuild_sddmm_plans(ours, balance=False)
 
 
-def _merge_sorted(kept: torch.Tensor, regrown: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise merge of ascending ``kept`` [L, a] and ascending ``regrown`` [L, b] (disjoint per row).
-
-    Returns (slot of each kept entry in the merged row [L, a], slot of each regrown entry [L, b], merged [L, a+b]):
-    an element's merged slot is its own rank plus the number of the other row's elements below it."""
-    L, a = kept.shape
-    b = regrown.shape[1]
-    device = kept.device
-    if a == 0:
-        return kept, torch.arange(b, device=device).expand(L, b), regrown
-    slot_kept = torch.arange(a, device=device) + torch.searchsorted(regrown, kept)
-    slot_regrown = torch.arange(b, device=device) + torch.searchsorted(kept, regrown)
-    merged = torch.empty(L, a + b, dtype=torch.int64, device=device)
-    merged.scatter_(1, slot_kept, kept).scatter_(1, slot_regrown, regrown)
-    return slot_kept, slot_regrown, merged
-
-
 @torch.no_grad()
 def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_fallback, *,
                     rebuild_plan: bool = True) -> None:
@@ -124,20 +107,13 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
     k = layers[0].values.numel()
     if any(layer.values.numel() != k for layer in layers) or not 0 < n <= k:
         raise ValueError("drop_and_regrow: the layers of a batch must share k, with 0 < n <= k")
-    device = regrown.device
-    values = torch.stack([layer.values for layer in layers])                      # [L, k] (no_grad: no detach)
-    old = torch.stack([layer.indices for layer in layers]).to(torch.int64)        # [L, k]
-    kept_slots = top_abs_rows(values, k - n, ascending=True)                       # [L, k - n]
-    kept = old.gather(1, kept_slots)
-    slot_kept, slot_regrown, new_indices = _merge_sorted(kept, regrown)
-    src = torch.empty(L, k, dtype=torch.int64, device=device)
-    src.scatter_(1, slot_kept, kept_slots).scatter_(1, slot_regrown, -1)
-    is_regrown = src < 0
-    new_values = values.gather(1, src.clamp(min=0)).masked_fill_(is_regrown, 0)
-    # the writes and the reindex have [L, k] temporaries of their own: free the drop's first (peak memory)
-    del values, old, kept_slots, kept, slot_kept, slot_regrown
+    values = [layer.values for layer in layers]  # no_grad: no detach
+    # the op without its checks (the trusted path): new indices [L, k] and each new slot's old slot (-1: regrown)
+    new_indices, order = torch.ops.spiel.drop_regrow_indices(values, [layer.indices for layer in layers], regrown)
+    is_regrown = order < 0
+    new_values = torch.stack(values).gather(1, order.clamp(min=0)).masked_fill_(is_regrown, 0)
     set_indices_trusted_many(layers, new_indices, new_values)
-    del new_indices, new_values
-    reindex_many(optimizer, layers, src, is_regrown, reindex_fallback)
+    del new_indices, new_values  # the reindex has [L, k] temporaries of its own (peak memory)
+    reindex_many(optimizer, layers, order, is_regrown, reindex_fallback)
     if rebuild_plan:
         rebuild_plans(layers)

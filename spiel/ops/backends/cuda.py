@@ -89,3 +89,10 @@ if AVAILABLE:
         @register_kernel("index_select_many", "cuda")
         def index_select_many(dense, indices, out) -> None:
             _ops._cuda_index_select_many(dense, indices, out)
+
+    if hasattr(_ops, "_cuda_drop_regrow_indices"):
+
+        @register_kernel("drop_regrow_indices", "cuda")
+        def drop_regrow_indices(values, indices, regrown):
+            # the kernel compares fp32 magnitudes; fp64 values are rounded first (the contract compares in fp32)
+            return _ops._cuda_drop_regrow_indices([_fp32_if_double(v) for v in values], indices, regrown)
