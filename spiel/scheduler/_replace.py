@@ -19,12 +19,11 @@ from ..nn.linear import SparseDeltaLinear, rebuild_sddmm_plans, set_indices_many
 __all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_indices_trusted_many", "set_candidates_trusted",
            "rebuild_plans", "reindex_many"]
 
-#: Most elements (L * k) one batch of the update works on: bounds its temporaries (~70 bytes per element at the
-#: drop's peak: fp32 values, their sort, int64 positions and slots). H100, 7B AG: at 2**26 the update step peaked
-#: 4.4 GiB above the plain steps, at 2**24 0.73 GiB (session 3); the apply is host-bound (~80 launches per batch:
-#: 100-270 ms of host for 85 ms of kernels at 7B), so the batches are as large as the plain step's peak allows:
-#: 2**23 (~0.55 GiB of temporaries, 20 batches at 7B; the scheduler phase peaked at 16.65 GiB with 2**22 against the
-#: backward's 17.02, session 13).
+#: Most elements (L * k) one batch of the update works on: bounds its temporaries (~30 bytes per element: the new
+#: indices, the int64 slot order, the gathered values and the optimizer-state gathers). H100, 7B AG: at 2**26 the
+#: update step peaked 4.4 GiB above the plain steps, at 2**24 0.73 GiB (session 3, the sort-based drop); since the
+#: drop + merge is one op (spiel.ops.drop_regrow_indices) 2**23 leaves 0.24 GiB of temporaries and 20 batches at
+#: 7B, and 2**24 (0.48 GiB, 10 batches) did not shorten the update (session 14 call 5: 66-69 against 62-65 ms).
 BATCH_ELEMENTS = 1 << 23
 
 T = TypeVar("T")
