@@ -133,6 +133,24 @@ def test_batched_topk_outer_fast_path_on_a_large_sparse_case(device):
         assert torch.equal(torch.sort(u).values, torch.sort(want).values)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_topk_outer_many_sections(device):
+    """Active sets of >= 126 x m entries: the multisection runs 63 thresholds per round (10 rounds, 60 bits)."""
+    gen = torch.Generator().manual_seed(11)
+    m, n, L = 8, 2000, 3
+    rows = [torch.rand(m, generator=gen).to(device) for _ in range(L)]
+    cols = [torch.rand(n, generator=gen).to(device) for _ in range(L)]
+    cols[1] = torch.randint(0, 7, (n,), generator=gen).float().to(device)  # ties
+    excludes = [_random_exclude(m, n, 1100 + 50 * i, gen, device) for i in range(L)]
+    counts = [700, 64, 1000]
+    got = batched_topk_outer(rows, cols, counts, excludes)
+    as_set = batched_topk_outer(rows, cols, counts, excludes, ordered=False)
+    for row, col, k, e, g, u in zip(rows, cols, counts, excludes, got, as_set):
+        want = ops.topk_outer(row, col, k, exclude=e)
+        assert torch.equal(g, want)
+        assert torch.equal(torch.sort(u).values, torch.sort(want).values)
+
+
 def test_batched_topk_outer_rejects_bad_input():
     r, c, e = torch.rand(4), torch.rand(3), torch.tensor([0, 5])
     with pytest.raises(ValueError):

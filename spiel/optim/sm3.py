@@ -163,12 +163,19 @@ class SM3(SparseOptimizerBase):
     def accumulators(self, layer) -> Tuple[torch.Tensor, torch.Tensor]:
         """(row [out], col [in]) fp32 accumulators of ``layer`` (SpIEL-MA's regrowth statistics): views into the
         optimizer's flat buffer, updated in place by :meth:`step`. ValueError for a layer it does not optimize."""
-        param = getattr(layer, "values", None)
-        if param is None or id(param) not in self._layer_of:
-            raise ValueError(f"{type(layer).__name__} is not a sparse layer optimized by this SM3")
+        return self.accumulators_many([layer])[0]
+
+    def accumulators_many(self, layers) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`accumulators` of every layer of ``layers``, with the buffer layout checked once (it walks every
+        parameter: once per layer it cost ~0.6 ms each, 140 ms of host per 7B index update)."""
+        params = []
+        for layer in layers:
+            param = getattr(layer, "values", None)
+            if param is None or id(param) not in self._layer_of:
+                raise ValueError(f"{type(layer).__name__} is not a sparse layer optimized by this SM3")
+            params.append(param)
         self._ensure_accumulators()
-        st = self.state[param]
-        return st["row"], st["col"]
+        return [(self.state[p]["row"], self.state[p]["col"]) for p in params]
 
     # -- the update
     def _get_plan(self, params, grads) -> List[dict]:

@@ -36,7 +36,7 @@ from ._select import device_tensor
 
 __all__ = ["batched_topk_outer"]
 
-_MAX_SECTIONS = 15   # thresholds per multisection round (16 intervals: 4 bits per round)
+_MAX_SECTIONS = 63   # thresholds per multisection round (64 intervals: 6 bits per round)
 _BITS = 60           # resolution of the search, as the reference's 60 halvings
 
 
@@ -145,8 +145,10 @@ def _fast(rows, cols, counts, excludes, ordered: bool) -> List:
     ok = torch.isfinite(R).all(1) & torch.isfinite(C).all(1) & (R.amin(1) >= 0) & (C.amin(1) >= 0)
     lo = torch.zeros(L, dtype=f64, device=device)
     hi = torch.where(ok, R.amax(1) * C.amax(1), 0.0)
-    # thresholds per round: bounded so a round's temporaries stay O(k + m) per layer
-    sections = max(1, min(_MAX_SECTIONS, min(counts) // max(m, 1)))
+    # thresholds per round: bounded so a round's temporaries (~32 B per row and threshold) stay within ~16 B per
+    # active delta; each round is ~15 launches, and at 7B (63 sections: 10 rounds instead of 15 with 15) the
+    # update is host-bound
+    sections = max(1, min(_MAX_SECTIONS, min(e.numel() for e in excludes) // max(2 * m, 1), max(min(counts), 1)))
     rounds = math.ceil(_BITS / math.log2(sections + 1))
     frac = torch.arange(1, sections + 1, device=device, dtype=f64) / (sections + 1)
     for _ in range(rounds):

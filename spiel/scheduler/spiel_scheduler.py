@@ -508,7 +508,9 @@ class SpielScheduler:
         else:
             wanted = [(name, layer, self.num_regrow(layer, t)) for name, layer in self.layers]
             wanted = [item for item in wanted if item[2] > 0]
-            stats = [self.optimizer.accumulators(layer) for _, layer, _ in wanted]
+            many = getattr(self.optimizer, "accumulators_many", None)  # one layout check, not one per layer
+            stats = (many([layer for _, layer, _ in wanted]) if callable(many) else
+                     [self.optimizer.accumulators(layer) for _, layer, _ in wanted])
             if _dist.world(self.process_group)[0] > 1 and wanted:
                 sizes = [s.numel() for rc in stats for s in rc]
                 flat = _dist.max_consensus(torch.cat([s.float() for rc in stats for s in rc]), self.process_group)
