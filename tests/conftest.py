@@ -8,6 +8,10 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run tests/gpu/run.sh on the GPU machine)")
     for item in items:
+        # a CPU test file's cases parametrized on device "cuda" belong to the GPU suite (-m gpu) too
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(isinstance(v, str) and v == "cuda" for v in callspec.params.values()):
+            item.add_marker(pytest.mark.gpu)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
 

@@ -688,7 +688,7 @@ def test_drop_and_regrow_ops_do_not_grow_with_layers(optimizer, monkeypatch):
     ~10 per layer: a copy of indices and values, a gather and a fill per state tensor); what still grows is one
     ``.data`` alias per layer (no kernel), and the sddmm plans (spiel.ops', not counted)."""
     counts = {}
-    for n_layers in (4, 40):
+    for n_layers in (12, 48):  # both hold all six (values, index) dtype pairs: one op call per pair
         layers, opt, regrown = _install_fixture(optimizer, n_layers=n_layers, merged_for_training=False)
         counter = _OpCounter()
         rebuild = replace.rebuild_plans
@@ -704,7 +704,7 @@ def test_drop_and_regrow_ops_do_not_grow_with_layers(optimizer, monkeypatch):
             replace.drop_and_regrow(list(layers), regrown, opt, _generic_reindex)
         monkeypatch.undo()
         counts[n_layers] = (counter.all, counter.compute)
-    (all4, compute4), (all40, compute40) = counts[4], counts[40]
+    (all4, compute4), (all40, compute40) = counts[12], counts[48]
     # values of three dtypes and indices of two: a cast each per batch, not per layer
     assert compute40 <= compute4 + 4, counts
     assert all40 - all4 <= 2 * 36, counts

@@ -9,7 +9,8 @@ per-slot state (its ``reindex_many``, else ``reindex`` per layer).
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, List, Sequence, TypeVar
+from collections import defaultdict
+from typing import Callable, Dict, Hashable, List, Sequence, TypeVar
 
 import torch
 
@@ -95,7 +96,8 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
     leaves) by the positions ``regrown[i]`` (value 0, fresh optimizer state); indices stay sorted, k constant.
 
     Args:
-        layers: layers of one device with the same k.
+        layers: layers of one device with the same k (one values dtype and one index dtype take one launch group;
+            mixed ones are split).
         regrown: int64 [L, n] ascending per row, disjoint from each layer's indices (0 < n <= k).
         optimizer: its ``reindex_many(layers, order, regrown)`` is called when it has one, else its
             ``reindex(layer, order, regrown)`` per layer, else ``reindex_fallback(optimizer, values, order, regrown)``.
@@ -103,12 +105,28 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
             caller that updates several batches and rebuilds every plan with one read (:func:`rebuild_plans`).
     """
     L, n = regrown.shape
+    device = regrown.device
     k = layers[0].values.numel()
     if any(layer.values.numel() != k for layer in layers) or not 0 < n <= k:
         raise ValueError("drop_and_regrow: the layers of a batch must share k, with 0 < n <= k")
     values = [layer.values for layer in layers]  # no_grad: no detach
-    # the op without its checks (the trusted path): new indices [L, k] and each new slot's old slot (-1: regrown)
-    new_indices, order = torch.ops.spiel.drop_regrow_indices(values, [layer.indices for layer in layers], regrown)
+    indices = [layer.indices for layer in layers]
+    # the op without its checks (the trusted path): new indices [L, k] and each new slot's old slot (-1: regrown);
+    # it takes one values dtype and one index dtype (the scheduler's batches have them), so mixed rows are split
+    kinds: Dict[tuple, List[int]] = defaultdict(list)
+    for row, (v, idx) in enumerate(zip(values, indices)):
+        kinds[(v.dtype, idx.dtype)].append(row)
+    if len(kinds) == 1:
+        new_indices, order = torch.ops.spiel.drop_regrow_indices(values, indices, regrown)
+    else:
+        new_indices = torch.empty(L, k, dtype=torch.int64, device=device)
+        order = torch.empty(L, k, dtype=torch.int64, device=device)
+        for rows in kinds.values():
+            sel = torch.tensor(rows, device=device)
+            part_indices, part_order = torch.ops.spiel.drop_regrow_indices(
+                [values[r] for r in rows], [indices[r] for r in rows], regrown.index_select(0, sel))
+            new_indices.index_copy_(0, sel, part_indices.to(torch.int64))
+            order.index_copy_(0, sel, part_order)
     is_regrown = order < 0
     new_values = torch.stack(values).gather(1, order.clamp(min=0)).masked_fill_(is_regrown, 0)
     set_indices_trusted_many(layers, new_indices, new_values)
