@@ -1,11 +1,11 @@
 """The drop + regrow of an index update, for a batch of layers at once (no host sync of its own).
 
-Layers are batched when they share a device, k and the number n of indices replaced; for each batch the drop (keep
-the ``k - n`` largest ``|value|``, ties: the larger position leaves) and the merge of kept and regrown positions are
-one op (:func:`spiel.ops.drop_regrow_indices`: nine CUDA launches), the gathering of the new values a few launches
-on ``[L, k]`` tensors, and so are the writes of the new indices and values into the layers
-(:func:`spiel.nn.linear.set_indices_many`, the trusted ``set_indices``) and the permutation of the optimizer's
-per-slot state (its ``reindex_many``, else ``reindex`` per layer).
+Layers are batched when they share a device, k, the number n of indices replaced and the values' and indices'
+dtypes; for each batch the drop (keep the ``k - n`` largest ``|value|``, ties: the larger position leaves) and the
+merge of kept and regrown positions are one op (:func:`spiel.ops.drop_regrow_indices`: nine CUDA launches), the
+gathering of the new values a few launches on ``[L, k]`` tensors, and so are the writes of the new indices and
+values into the layers (:func:`spiel.nn.linear.set_indices_many`, the trusted ``set_indices``) and the permutation
+of the optimizer's per-slot state (its ``reindex_many``, else ``reindex`` per layer).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from .._batching import group_batches
 from ..nn.linear import SparseDeltaLinear, rebuild_sddmm_plans, set_indices_many
+from ._select import device_tensor
 
 __all__ = ["batches", "drop_and_regrow", "set_indices_trusted", "set_indices_trusted_many", "set_candidates_trusted",
            "rebuild_plans", "reindex_many"]
@@ -122,7 +123,7 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
         new_indices = torch.empty(L, k, dtype=torch.int64, device=device)
         order = torch.empty(L, k, dtype=torch.int64, device=device)
         for rows in kinds.values():
-            sel = torch.tensor(rows, device=device)
+            sel = device_tensor(rows, device)  # pinned + non_blocking: no host sync
             part_indices, part_order = torch.ops.spiel.drop_regrow_indices(
                 [values[r] for r in rows], [indices[r] for r in rows], regrown.index_select(0, sel))
             new_indices.index_copy_(0, sel, part_indices.to(torch.int64))
