@@ -101,23 +101,34 @@ def check_replace(kernel, device, cases=GPU_CASES, value_dtypes=(torch.float32, 
     return checks
 
 
-@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
-@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
-@pytest.mark.parametrize("L,k,n,space", [(1, 1, 1, 3), (3, 17, 5, 60), (2, 100, 0, 300), (4, 64, 64, 200),
-                                         (2, 301, 60, 5000), (5, 33, 1, 40)])
-@pytest.mark.parametrize("kind", [None, "equal", "zeros", "gap", "ends"])
-@pytest.mark.parametrize("ties", [False, True])
-def test_matches_python_truth(value_dtype, index_dtype, L, k, n, space, ties, kind):
-    g = torch.Generator().manual_seed(L * 1000 + k + n)
-    if kind in ("gap", "ends") and 3 * (k + 2 * n) > space:
-        pytest.skip("no room for this layout")
-    values, indices, regrown = make_case(L, k, n, space, value_dtype, index_dtype, g, ties=ties, nans=not ties,
-                                         kind=kind)
+def _assert_matches_truth(values, indices, regrown, index_dtype):
     new_indices, order = ops.drop_regrow_indices(values, indices, regrown)
     want_idx, want_order = truth(values, indices, regrown)
     assert new_indices.dtype == index_dtype and order.dtype == torch.int64
     assert new_indices.tolist() == want_idx
     assert order.tolist() == want_order
+
+
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("L,k,n,space", [(1, 1, 1, 3), (3, 17, 5, 60), (2, 100, 0, 300), (4, 64, 64, 200),
+                                         (2, 301, 60, 5000), (5, 33, 1, 40)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_matches_python_truth(value_dtype, index_dtype, L, k, n, space, ties):
+    g = torch.Generator().manual_seed(L * 1000 + k + n)
+    values, indices, regrown = make_case(L, k, n, space, value_dtype, index_dtype, g, ties=ties, nans=not ties)
+    _assert_matches_truth(values, indices, regrown, index_dtype)
+
+
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("L,k,n,space", [(2, 301, 60, 5000), (5, 33, 1, 400), (4, 64, 64, 1000)])
+@pytest.mark.parametrize("kind", ["equal", "zeros", "gap", "ends"])
+def test_layouts_match_python_truth(value_dtype, index_dtype, L, k, n, space, kind):
+    """One long tie per row, +-0, regrown crowded into one gap, regrown outside the indices' range."""
+    g = torch.Generator().manual_seed(L * 1000 + k + n)
+    values, indices, regrown = make_case(L, k, n, space, value_dtype, index_dtype, g, kind=kind)
+    _assert_matches_truth(values, indices, regrown, index_dtype)
 
 
 def test_values_move_with_order():

@@ -77,6 +77,16 @@ def _random_exclude(m, n, count, gen, device):
     return torch.randperm(m * n, generator=gen)[:count].sort().values.to(device)
 
 
+def _assert_outer_matches_reference(rows, cols, counts, excludes):
+    """batched_topk_outer (ordered, and as a set) equals spiel.ops.topk_outer layer by layer."""
+    got = batched_topk_outer(rows, cols, counts, excludes)
+    as_set = batched_topk_outer(rows, cols, counts, excludes, ordered=False)
+    for row, col, k, e, g, u in zip(rows, cols, counts, excludes, got, as_set):
+        want = ops.topk_outer(row, col, k, exclude=e)
+        assert torch.equal(g, want), (k, row, col, e, g, want)
+        assert torch.equal(torch.sort(u).values, torch.sort(want).values)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,n", [(6, 8), (17, 5), (32, 64), (1, 9)])
 def test_batched_topk_outer_matches_reference(device, m, n):
@@ -103,12 +113,7 @@ def test_batched_topk_outer_matches_reference(device, m, n):
             if trial % 2:
                 k = min(k, max(1, (m * n) // 10))
             rows.append(row), cols.append(col), counts.append(k), excludes.append(exclude)
-        got = batched_topk_outer(rows, cols, counts, excludes)
-        as_set = batched_topk_outer(rows, cols, counts, excludes, ordered=False)
-        for row, col, k, e, g, u in zip(rows, cols, counts, excludes, got, as_set):
-            want = ops.topk_outer(row, col, k, exclude=e)
-            assert torch.equal(g, want), (m, n, k, row, col, e, g, want)
-            assert torch.equal(torch.sort(u).values, torch.sort(want).values)
+        _assert_outer_matches_reference(rows, cols, counts, excludes)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,12 +130,7 @@ def test_batched_topk_outer_fast_path_on_a_large_sparse_case(device):
     top = ops.topk_outer(rows[2], cols[2], 300)
     excludes[2] = torch.sort(top).values
     counts = [100, 150, 80, 1, 200]
-    got = batched_topk_outer(rows, cols, counts, excludes)
-    as_set = batched_topk_outer(rows, cols, counts, excludes, ordered=False)
-    for row, col, k, e, g, u in zip(rows, cols, counts, excludes, got, as_set):
-        want = ops.topk_outer(row, col, k, exclude=e)
-        assert torch.equal(g, want)
-        assert torch.equal(torch.sort(u).values, torch.sort(want).values)
+    _assert_outer_matches_reference(rows, cols, counts, excludes)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,12 +143,7 @@ def test_batched_topk_outer_many_sections(device):
     cols[1] = torch.randint(0, 7, (n,), generator=gen).float().to(device)  # ties
     excludes = [_random_exclude(m, n, 1100 + 50 * i, gen, device) for i in range(L)]
     counts = [700, 64, 1000]
-    got = batched_topk_outer(rows, cols, counts, excludes)
-    as_set = batched_topk_outer(rows, cols, counts, excludes, ordered=False)
-    for row, col, k, e, g, u in zip(rows, cols, counts, excludes, got, as_set):
-        want = ops.topk_outer(row, col, k, exclude=e)
-        assert torch.equal(g, want)
-        assert torch.equal(torch.sort(u).values, torch.sort(want).values)
+    _assert_outer_matches_reference(rows, cols, counts, excludes)
 
 
 def test_batched_topk_outer_rejects_bad_input():

@@ -1,8 +1,8 @@
 """The drop + regrow of an index update, for a batch of layers at once (no host sync of its own).
 
-Layers are batched when they share a device, k, the number n of indices replaced and the values' and indices'
-dtypes; for each batch the drop (keep the ``k - n`` largest ``|value|``, ties: the larger position leaves) and the
-merge of kept and regrown positions are one op (:func:`spiel.ops.drop_regrow_indices`: nine CUDA launches), the
+Layers are batched when they share a device, k and the number n of indices replaced; for each batch the drop (keep
+the ``k - n`` largest ``|value|``, ties: the larger position leaves) and the merge of kept and regrown positions
+are one op per (values, indices) dtype pair (:func:`spiel.ops.drop_regrow_indices`: nine CUDA launches), the
 gathering of the new values a few launches on ``[L, k]`` tensors, and so are the writes of the new indices and
 values into the layers (:func:`spiel.nn.linear.set_indices_many`, the trusted ``set_indices``) and the permutation
 of the optimizer's per-slot state (its ``reindex_many``, else ``reindex`` per layer).
@@ -113,7 +113,7 @@ def drop_and_regrow(layers: Sequence, regrown: torch.Tensor, optimizer, reindex_
     values = [layer.values for layer in layers]  # no_grad: no detach
     indices = [layer.indices for layer in layers]
     # the op without its checks (the trusted path): new indices [L, k] and each new slot's old slot (-1: regrown);
-    # it takes one values dtype and one index dtype (the scheduler's batches have them), so mixed rows are split
+    # it takes one values dtype and one index dtype (a model's layers usually share them): mixed rows are split
     kinds: Dict[tuple, List[int]] = defaultdict(list)
     for row, (v, idx) in enumerate(zip(values, indices)):
         kinds[(v.dtype, idx.dtype)].append(row)

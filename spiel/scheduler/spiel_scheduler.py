@@ -537,9 +537,7 @@ class SpielScheduler:
         # all before the first batch, not batch by batch (the update runs before zero_grad)
         for _, layer, _ in todo:
             layer.values.grad = None
-        # one batch: one device, k, n and (values, indices) dtypes (the drop + merge op takes one of each)
-        for batch in batches(todo, key=lambda it: (it[1].values.device, it[1].values.numel(), it[2].numel(),
-                                                   it[1].values.dtype, it[1].indices.dtype),
+        for batch in batches(todo, key=lambda it: (it[1].values.device, it[1].values.numel(), it[2].numel()),
                              size=lambda it: it[1].values.numel()):
             regrown = torch.stack([it[2].to(it[1].values.device) for it in batch])
             # plans rebuilt once below: each rebuild reads the device back, i.e. waits for the queued work, and
