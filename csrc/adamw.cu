@@ -97,7 +97,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && (steps.size() == n || !per_slot),
               what, ": params, grads, exp_avgs, exp_avg_sqs and steps (or no steps) must have the same length");
   TORCH_CHECK(per_slot || (host_count >= 0.0 && host_count <= 16777216.0 && host_count == std::floor(host_count)),
-              what, ": host_count must be an integer count in [0, 2**24], got ", host_count);
+              what, ": host_count must be an integer count in [0, 2**24], got ", msg_num(host_count));
   if (n == 0) return;
   const auto p_type = params[0].scalar_type();
   const auto m_type = exp_avgs[0].scalar_type();
@@ -109,12 +109,12 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     const at::ScalarType types[5] = {p_type, p_type, m_type, m_type, s_type};
     for (int j = 0; j < (per_slot ? 5 : 4); ++j) {
       check_cuda_contig(*list[j], what, names[j]);
-      TORCH_CHECK(list[j]->device() == device, what, ": ", names[j], "[", i, "] is on ", list[j]->device(),
+      TORCH_CHECK(list[j]->device() == device, what, ": ", names[j], "[", msg_num(i), "] is on ", list[j]->device(),
                   ", params[0] on ", device);
-      TORCH_CHECK(list[j]->scalar_type() == types[j], what, ": ", names[j], "[", i, "] has dtype ",
+      TORCH_CHECK(list[j]->scalar_type() == types[j], what, ": ", names[j], "[", msg_num(i), "] has dtype ",
                   list[j]->scalar_type(), ", expected ", types[j]);
-      TORCH_CHECK(list[j]->numel() == params[i].numel(), what, ": ", names[j], "[", i,
-                  "] must have as many elements as params[", i, "]");
+      TORCH_CHECK(list[j]->numel() == params[i].numel(), what, ": ", names[j], "[", msg_num(i),
+                  "] must have as many elements as params[", msg_num(i), "]");
     }
   }
   AdamWHyper h;

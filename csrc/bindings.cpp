@@ -24,6 +24,9 @@ TORCH_LIBRARY_FRAGMENT(spiel, m) {
   m.def("_cuda_index_put_many_(Tensor(a!)[] dense, Tensor[] indices, Tensor[] values) -> ()");
   m.def("_cuda_index_select_many(Tensor[] dense, Tensor[] indices, Tensor(a!)[] out) -> ()");
   m.def("_cuda_drop_regrow_indices(Tensor[] values, Tensor[] indices, Tensor regrown) -> (Tensor, Tensor)");
+  m.def(
+      "_cuda_outer_threshold(Tensor rows, Tensor cols, Tensor keys, Tensor row_start, Tensor need, Tensor hi, "
+      "int sections, int rounds) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
@@ -36,6 +39,7 @@ TORCH_LIBRARY_IMPL(spiel, CUDA, m) {
   m.impl("_cuda_index_put_many_", &spiel::index_put_many_cuda);
   m.impl("_cuda_index_select_many", &spiel::index_select_many_cuda);
   m.impl("_cuda_drop_regrow_indices", &spiel::drop_regrow_indices_cuda);
+  m.impl("_cuda_outer_threshold", &spiel::outer_threshold_cuda);
 }
 
 // `import spiel._C` loads the library (and with it the registrations above). Host-side queries take no

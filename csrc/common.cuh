@@ -2,6 +2,8 @@
 // warp-cooperative lower_bound over sorted index arrays.
 #pragma once
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -157,6 +159,23 @@ inline int num_sms(int device) {
     cache[device] = n > 0 ? n : 1;
   }
   return cache[device];
+}
+
+// A number for a TORCH_CHECK message, formatted with snprintf. Messages never stream numbers through
+// std::ostream: in the extension built on the device (its own host compiler), a check whose message streamed an
+// integer crashed the process (SIGSEGV) instead of raising, while string-only messages raised as they should.
+template <typename T>
+inline std::string msg_num(T value) {
+  static_assert(std::is_arithmetic<T>::value, "msg_num formats numbers");
+  char buf[40];
+  if constexpr (std::is_floating_point<T>::value) {
+    std::snprintf(buf, sizeof(buf), "%.17g", static_cast<double>(value));
+  } else if constexpr (std::is_signed<T>::value) {
+    std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(value));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%llu", static_cast<unsigned long long>(value));
+  }
+  return std::string(buf);
 }
 
 // Host-side metadata check of the entry points (no sync).

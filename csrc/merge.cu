@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads)
 
 int log2_blocksize(int64_t blocksize, const char* what) {
   TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, what,
-              ": blocksize must be a power of two in 32..4096, got ", blocksize);
+              ": blocksize must be a power of two in 32..4096, got ", msg_num(blocksize));
   int l = 0;
   while ((int64_t{1} << l) < blocksize) ++l;
   return l;
@@ -370,11 +370,11 @@ void nf4_dequantize_add_delta_cuda(const at::Tensor& packed, const at::Tensor& a
   const int log2_bs = log2_blocksize(blocksize, what);
   const int64_t n = out.numel();
   const int64_t k = indices.numel();
-  TORCH_CHECK(n % 2 == 0, what, ": an NF4 weight needs an even number of elements, got ", n);
+  TORCH_CHECK(n % 2 == 0, what, ": an NF4 weight needs an even number of elements, got ", msg_num(n));
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == n / 2, what, ": packed must be uint8 with ",
-              n / 2, " elements");
+              msg_num(n / 2), " elements");
   const int64_t nblocks = ceil_div(n, blocksize);
-  TORCH_CHECK(absmax.numel() == nblocks, what, ": absmax must have ", nblocks, " entries");
+  TORCH_CHECK(absmax.numel() == nblocks, what, ": absmax must have ", msg_num(nblocks), " entries");
   TORCH_CHECK(values.numel() == k, what, ": values and indices must have the same length");
   const bool nested = absmax.scalar_type() == at::kByte;
   TORCH_CHECK(nested || absmax.scalar_type() == at::kFloat, what, ": absmax must be float32 or uint8");
@@ -422,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   check_cuda_contig(weight, what, "weight");
   const int log2_bs = log2_blocksize(blocksize, what);
   const int64_t n = weight.numel();
-  TORCH_CHECK(n % 2 == 0, what, ": an NF4 weight needs an even number of elements, got ", n);
+  TORCH_CHECK(n % 2 == 0, what, ": an NF4 weight needs an even number of elements, got ", msg_num(n));
   const int64_t nblocks = ceil_div(n, blocksize);
   auto packed = at::empty({n / 2}, weight.options().dtype(at::kByte));
   auto absmax = at::empty({nblocks}, weight.options().dtype(at::kFloat));
@@ -506,12 +506,12 @@ void entries_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorL
     check_cuda_contig(indices[i], what, "indices");
     check_cuda_contig(entries[i], what, "entries");
     TORCH_CHECK(dense[i].device() == device && indices[i].device() == device && entries[i].device() == device, what,
-                ": every tensor must be on ", device, " (item ", i, ")");
+                ": every tensor must be on ", device, " (item ", msg_num(i), ")");
     TORCH_CHECK(dense[i].scalar_type() == dtype && entries[i].scalar_type() == dtype, what,
-                ": dense and entries must all have dtype ", dtype, " (item ", i, ")");
+                ": dense and entries must all have dtype ", dtype, " (item ", msg_num(i), ")");
     TORCH_CHECK(indices[i].scalar_type() == index_type, what, ": indices must all have dtype ", index_type,
-                " (item ", i, ")");
-    TORCH_CHECK(indices[i].numel() == entries[i].numel(), what, ": indices[", i, "] and entries[", i,
+                " (item ", msg_num(i), ")");
+    TORCH_CHECK(indices[i].numel() == entries[i].numel(), what, ": indices[", msg_num(i), "] and entries[", msg_num(i),
                 "] must have as many elements");
   }
   const int elem = static_cast<int>(c10::elementSize(dtype));

@@ -304,18 +304,18 @@ std::tuple<at::Tensor, at::Tensor> drop_regrow_indices_cuda(at::TensorList value
   TORCH_CHECK(regrown.scalar_type() == at::kLong && regrown.dim() == 2 && regrown.size(0) == L, what,
               ": regrown must be int64 [len(values), n]");
   const int64_t k = values[0].numel(), n = regrown.size(1);
-  TORCH_CHECK(n <= k && k < (int64_t{1} << 31), what, ": need n <= k < 2**31, got n = ", n, ", k = ", k);
+  TORCH_CHECK(n <= k && k < (int64_t{1} << 31), what, ": need n <= k < 2**31, got n = ", msg_num(n), ", k = ", msg_num(k));
   const auto device = regrown.device();
   const auto dtype = values[0].scalar_type(), index_type = indices[0].scalar_type();
   for (int64_t i = 0; i < L; ++i) {
     check_cuda_contig(values[i], what, "values");
     check_cuda_contig(indices[i], what, "indices");
     TORCH_CHECK(values[i].device() == device && indices[i].device() == device, what, ": every tensor must be on ",
-                device, " (row ", i, ")");
+                device, " (row ", msg_num(i), ")");
     TORCH_CHECK(values[i].scalar_type() == dtype && indices[i].scalar_type() == index_type, what,
-                ": values and indices must each share one dtype (row ", i, ")");
-    TORCH_CHECK(values[i].numel() == k && indices[i].numel() == k, what, ": every row must have ", k,
-                " entries (row ", i, ")");
+                ": values and indices must each share one dtype (row ", msg_num(i), ")");
+    TORCH_CHECK(values[i].numel() == k && indices[i].numel() == k, what, ": every row must have ", msg_num(k),
+                " entries (row ", msg_num(i), ")");
   }
   at::Tensor new_indices = at::empty({L, k}, indices[0].options());
   at::Tensor order = at::empty({L, k}, regrown.options());

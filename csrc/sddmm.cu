@@ -608,7 +608,7 @@ CUtensorMap operand_map(const at::Tensor& op) {
       &map, op.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
       op.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "sddmm: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  TORCH_CHECK(r == CUDA_SUCCESS, "sddmm: cuTensorMapEncodeTiled failed (", msg_num(static_cast<int>(r)), ")");
   return map;
 }
 

@@ -515,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_abs_cuda(const at::Tensor& x, int
   TORCH_CHECK(x.dim() == 1, what, ": x must be 1-D");
   const int64_t n = x.numel();
   TORCH_CHECK(n < (int64_t{1} << 31), what, ": x must have fewer than 2**31 elements");
-  TORCH_CHECK(0 <= k && k <= n, what, ": k must be in [0, ", n, "], got ", k);
+  TORCH_CHECK(0 <= k && k <= n, what, ": k must be in [0, ", msg_num(n), "], got ", msg_num(k));
   const bool has_exclude = exclude.has_value() && exclude->numel() > 0;
   if (has_exclude) {
     check_cuda_contig(*exclude, what, "exclude");

@@ -54,4 +54,10 @@ void index_select_many_cuda(at::TensorList dense, at::TensorList indices, at::Te
 std::tuple<at::Tensor, at::Tensor> drop_regrow_indices_cuda(at::TensorList values, at::TensorList indices,
                                                             const at::Tensor& regrown);
 
+// The threshold multisection of SpIEL-MA's batched regrowth (spiel/ops/outer.py has the contract): `rounds`
+// rounds of `sections` thresholds per layer, one launch per round; returns lo float64 [L]. No host sync.
+at::Tensor outer_threshold_cuda(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& keys,
+                                const at::Tensor& row_start, const at::Tensor& need, const at::Tensor& hi,
+                                int64_t sections, int64_t rounds);
+
 }  // namespace spiel

@@ -15,6 +15,7 @@ and Triton / CUDA kernels where available, chosen by :func:`set_backend` (defaul
 ``index_put_many_``             ``dense[i].view(-1)[indices[i]] = values[i]`` for a list, one launch per 64 tensors
 ``index_select_many``           ``out[i] = dense[i].view(-1)[indices[i]]`` for a list (merged layers' index updates)
 ``drop_regrow_indices``         an index update's drop + regrow for a batch of rows: new indices and the slot order
+``outer_threshold``             SpIEL-MA regrowth: the score threshold of L outer products (multisection, no host sync)
 ==============================  =================================================================
 """
 from ._dispatch import (
@@ -36,6 +37,7 @@ from .topk import select_topk_abs, topk_abs, topk_outer
 from .adamw import adamw_step_
 from .entries import index_put_many_, index_select_many
 from .replace import drop_regrow_indices
+from .outer import outer_threshold
 from . import backends  # noqa: F401  (registers the kernels)
 
 __all__ = [
@@ -43,4 +45,5 @@ __all__ = [
     "validation_enabled", "merge_delta", "nf4_dequantize", "nf4_dequantize_add_delta", "nf4_quantize", "sddmm",
     "sddmm_plan", "sddmm_fp8", "sparse_delta_linear", "effective_weight", "topk_abs", "topk_outer",
     "select_topk_abs", "adamw_step_", "index_put_many_", "index_select_many", "drop_regrow_indices",
+    "outer_threshold",
 ]

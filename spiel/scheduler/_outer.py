@@ -32,11 +32,11 @@ from typing import List, Sequence
 import torch
 
 from ..ops import topk_outer
+from ..ops.outer import MAX_SECTIONS
 from ._select import device_tensor
 
 __all__ = ["batched_topk_outer"]
 
-_MAX_SECTIONS = 63   # thresholds per multisection round (64 intervals: 6 bits per round)
 _BITS = 60           # resolution of the search, as the reference's 60 halvings
 
 
@@ -143,21 +143,12 @@ def _fast(rows, cols, counts, excludes, ordered: bool) -> List:
 
     need = device_tensor(counts, device)
     ok = torch.isfinite(R).all(1) & torch.isfinite(C).all(1) & (R.amin(1) >= 0) & (C.amin(1) >= 0)
-    lo = torch.zeros(L, dtype=f64, device=device)
     hi = torch.where(ok, R.amax(1) * C.amax(1), 0.0)
-    # thresholds per round: bounded so a round's temporaries (~32 B per row and threshold) stay within ~16 B per
-    # active delta; each round is ~15 launches, and at 7B (63 sections: 10 rounds instead of 15 with 15) the
-    # update is host-bound
-    sections = max(1, min(_MAX_SECTIONS, min(e.numel() for e in excludes) // max(2 * m, 1), max(min(counts), 1)))
+    # thresholds per round: the reference backend's temporaries (~32 B per row and threshold) stay within ~16 B
+    # per active delta; the kernels (one launch per round) need none
+    sections = max(1, min(MAX_SECTIONS, min(e.numel() for e in excludes) // max(2 * m, 1), max(min(counts), 1)))
     rounds = math.ceil(_BITS / math.log2(sections + 1))
-    frac = torch.arange(1, sections + 1, device=device, dtype=f64) / (sections + 1)
-    for _ in range(rounds):
-        mids = lo[:, None] + (hi - lo)[:, None] * frac              # [L, S], non-decreasing
-        p, ex = above(mids)
-        enough = (p.sum(2) - ex.sum(2)) >= need[:, None]           # a True prefix (counts fall as tau rises)
-        j = enough.sum(1, keepdim=True)
-        bounds = torch.cat([lo[:, None], mids, hi[:, None]], 1)
-        lo, hi = bounds.gather(1, j).squeeze(1), bounds.gather(1, j + 1).squeeze(1)
+    lo = torch.ops.spiel.outer_threshold(R, col_sorted, keys, row_start, need, hi, sections, rounds)
     tau = lo * (1 - 1e-12)  # relax against rounding of the quotient; candidates are re-scored exactly
     p, ex = above(tau[:, None])
     free_row = (p - ex).squeeze(1)                                 # [L, m] non-excluded candidates per row

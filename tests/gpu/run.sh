@@ -48,7 +48,7 @@ if has sanitize; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     # sanitize_driver: merge / NF4 kernels; sanitize_sddmm: every sddmm strategy at small shapes
     # (racecheck covers the shared-memory staging and the tile extraction)
-    for script in ${SANITIZE_SCRIPTS:-sanitize_driver sanitize_sddmm sanitize_adamw sanitize_select sanitize_replace}; do
+    for script in ${SANITIZE_SCRIPTS:-sanitize_driver sanitize_sddmm sanitize_adamw sanitize_select sanitize_replace sanitize_outer}; do
       log="$OUT/${script}_$tool.log"
       if SANITIZE_TOOL=$tool timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 \
            python3 "tests/gpu/$script.py" >"$log" 2>&1; then

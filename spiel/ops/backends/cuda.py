@@ -96,3 +96,9 @@ if AVAILABLE:
         def drop_regrow_indices(values, indices, regrown):
             # the kernel compares fp32 magnitudes; fp64 values are rounded first (the contract compares in fp32)
             return _ops._cuda_drop_regrow_indices([_fp32_if_double(v) for v in values], indices, regrown)
+
+    if hasattr(_ops, "_cuda_outer_threshold"):
+
+        @register_kernel("outer_threshold", "cuda")
+        def outer_threshold(rows, cols, keys, row_start, need, hi, sections, rounds):
+            return _ops._cuda_outer_threshold(rows, cols, keys, row_start, need, hi, int(sections), int(rounds))

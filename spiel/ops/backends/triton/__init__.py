@@ -1,2 +1,2 @@
 """Triton kernels (backend "triton"): importing registers them with the dispatch."""
-from . import adamw, merge, nf4, sddmm, sddmm_fp8  # noqa: F401
+from . import adamw, merge, nf4, outer, sddmm, sddmm_fp8  # noqa: F401
