@@ -5,8 +5,9 @@
 //   - grid (row blocks, layers); each CTA first derives its layer's interval from the previous round's counts
 //     (every CTA computes the same doubles with the reference's operations, rounded one at a time, no FMA), then
 //     counts the non-excluded cells above each of the round's thresholds over its 128 rows (a thread per
-//     (row, threshold): a binary search in the descending columns and one in the row's excluded keys) and adds
-//     them to the round's counters with integer atomics (the sums do not depend on their order);
+//     (row, threshold), 2^ceil(log2(sections + 1)) threads per row: a binary search in the descending columns
+//     and one in the row's excluded keys) and adds them to the round's counters with integer atomics (the sums
+//     do not depend on their order);
 //   - the counters rotate over three buffers (round t reads t-1's, adds to t's, zeroes t+1's) and the intervals
 //     over two, so consecutive launches never race.
 // Work per round: L * m * sections searches of ~log2(n) + log2(keys per row) steps, L2/L1-resident.
@@ -21,8 +22,7 @@ namespace spiel {
 namespace {
 
 constexpr int kMaxSections = 64;  // counters per layer (sections <= 63)
-constexpr int kThreads = 256;     // 64 threshold lanes x 4 row groups
-constexpr int kRowGroups = kThreads / kMaxSections;
+constexpr int kThreads = 256;     // `lanes` threshold lanes (a power of two > sections) x 256 / lanes row groups
 constexpr int kRowsPerBlock = 128;
 
 struct Problem {
@@ -37,6 +37,7 @@ struct Problem {
   double* lo_out;           // [L]
   int64_t L, m, n, width;
   int sections;
+  int lanes;                // threads per row: the smallest power of two above sections
 };
 
 // The s-th threshold (0-based) of [lo, hi]: lo + (hi - lo) * ((s + 1) / (sections + 1)), as the reference.
@@ -92,10 +93,10 @@ __global__ void __launch_bounds__(kThreads) outer_threshold_round_kernel(const P
   const int64_t layer = blockIdx.y;
   double lo, hi;
   current_interval(P, layer, round, &lo, &hi);
-  const int s = threadIdx.x % kMaxSections;
+  const int s = threadIdx.x & (P.lanes - 1);
   if (threadIdx.x < kMaxSections) {
-    mids[s] = s < P.sections ? threshold(lo, hi, s, P.sections) : 0.0;
-    partial[s] = 0;
+    mids[threadIdx.x] = threadIdx.x < P.sections ? threshold(lo, hi, threadIdx.x, P.sections) : 0.0;
+    partial[threadIdx.x] = 0;
   }
   if (blockIdx.x == 0) {
     // the next round reads this interval; this round's readers use the other parity
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) outer_threshold_round_kernel(const P
       cur[1] = hi;
     }
     // counters of round + 1: last read by round - 2, which has finished
-    if (threadIdx.x < kMaxSections) P.counts[(((round + 1) % 3) * P.L + layer) * kMaxSections + s] = 0;
+    if (threadIdx.x < kMaxSections) P.counts[(((round + 1) % 3) * P.L + layer) * kMaxSections + threadIdx.x] = 0;
   }
   __syncthreads();
   if (s < P.sections) {
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) outer_threshold_round_kernel(const P
     const int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
     const int64_t last = first + kRowsPerBlock < P.m ? first + kRowsPerBlock : P.m;
     int64_t above = 0;
-    for (int64_t r = first + threadIdx.x / kMaxSections; r < last; r += kRowGroups) {
+    for (int64_t r = first + threadIdx.x / P.lanes; r < last; r += kThreads / P.lanes) {
       const double R = __ldg(rows + r);
       // a row without a positive score has no cell above any threshold (the reference's inf quotient)
       const double ratio = R > 0.0 ? __ddiv_rn(tau, R) : CUDART_INF;
@@ -195,6 +196,8 @@ at::Tensor outer_threshold_cuda(const at::Tensor& rows, const at::Tensor& cols, 
   P.n = n;
   P.width = width;
   P.sections = static_cast<int>(sections);
+  P.lanes = 2;
+  while (P.lanes <= P.sections) P.lanes *= 2;
   const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(m, kRowsPerBlock))), static_cast<unsigned>(L));
   for (int round = 0; round < rounds; ++round) {
     if (keys.scalar_type() == at::kInt) {

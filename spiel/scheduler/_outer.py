@@ -11,9 +11,10 @@ is above ``tau`` exactly when ``q(c) < p_r(tau)``. So, with the excluded positio
 and sorted once, the number of non-excluded positions above ``tau`` is ``sum_r p_r - #{excluded keys below
 r * n + p_r}``: two ``searchsorted`` per threshold, exact and consistent with the candidate enumeration.
 
-1. Multisection on ``tau`` (vectorised over the layers, ``S`` thresholds per round) for the largest ``tau``
-   with at least ``k`` non-excluded positions above it; then ``tau`` is relaxed by ``1e-12`` (relative).
-   Every position that could be in the top ``k`` is then above ``tau``.
+1. Multisection on ``tau`` (``spiel.ops.outer_threshold``: all layers at once, ``S`` thresholds per round, one
+   launch per round with the Triton/CUDA kernels) for the largest ``tau`` with at least ``k`` non-excluded
+   positions above it; then ``tau`` is relaxed by ``1e-12`` (relative). Every position that could be in the top
+   ``k`` is then above ``tau``.
 2. One host sync: the number of non-excluded candidates per layer (and which layers the fast path can take).
 3. The j-th non-excluded rank of row ``r`` is ``j + #{s : e_s - s <= j}`` over that row's sorted excluded ranks
    ``e_s`` (one ``searchsorted`` on the keys minus their in-row offsets), so only non-excluded candidates are
@@ -32,12 +33,14 @@ from typing import List, Sequence
 import torch
 
 from ..ops import topk_outer
+from ..ops import _dispatch
 from ..ops.outer import MAX_SECTIONS
 from ._select import device_tensor
 
 __all__ = ["batched_topk_outer"]
 
 _BITS = 60           # resolution of the search, as the reference's 60 halvings
+KERNEL_SECTIONS = 15  # thresholds per round with the Triton/CUDA outer_threshold (4 bits per launch)
 
 
 def _check(rows, cols, counts, excludes):
@@ -144,9 +147,14 @@ def _fast(rows, cols, counts, excludes, ordered: bool) -> List:
     need = device_tensor(counts, device)
     ok = torch.isfinite(R).all(1) & torch.isfinite(C).all(1) & (R.amin(1) >= 0) & (C.amin(1) >= 0)
     hi = torch.where(ok, R.amax(1) * C.amax(1), 0.0)
-    # thresholds per round: the reference backend's temporaries (~32 B per row and threshold) stay within ~16 B
-    # per active delta; the kernels (one launch per round) need none
-    sections = max(1, min(MAX_SECTIONS, min(e.numel() for e in excludes) // max(2 * m, 1), max(min(counts), 1)))
+    # thresholds per round. The reference backend runs ~15 launches per round, host-bound: many thresholds (63, 10
+    # rounds at 7B), its temporaries (~32 B per row and threshold) within ~16 B per active delta. The kernels run one
+    # launch per round whose work grows with the thresholds: 15 (15 rounds; 63 spent 2.8x the GPU time, session 15)
+    if _dispatch.select("outer_threshold", device)[0] == "torch":
+        cap = min(MAX_SECTIONS, min(e.numel() for e in excludes) // max(2 * m, 1))
+    else:
+        cap = KERNEL_SECTIONS
+    sections = max(1, min(cap, max(min(counts), 1)))
     rounds = math.ceil(_BITS / math.log2(sections + 1))
     lo = torch.ops.spiel.outer_threshold(R, col_sorted, keys, row_start, need, hi, sections, rounds)
     tau = lo * (1 - 1e-12)  # relax against rounding of the quotient; candidates are re-scored exactly
