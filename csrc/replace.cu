@@ -241,12 +241,15 @@ __global__ void __launch_bounds__(kThreads) drop_write_kernel(const Rows rows, i
 
   IdxT* __restrict__ out_indices = new_indices + static_cast<int64_t>(row) * k;
   int64_t* __restrict__ out_order = order + static_cast<int64_t>(row) * k;
-  // 3. kept entries: slot = kept entries before + regrown positions below
+  // 3. kept entries: slot = kept entries before + regrown positions below. Consecutive threads take consecutive
+  // entries here (the scan above gave each thread a run of kPerThread), so a warp's stores land on consecutive
+  // slots: coalesced (session 14's run-per-thread stores were 8 entries apart, 0.24 ms per 7B batch).
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    const int p = threadIdx.x * kPerThread + j;
+    const int p = j * kThreads + threadIdx.x;
     if (p >= len) continue;
-    const bool greater = flags[j] >= 0x10000u, equal = (flags[j] & 0xffffu) != 0;
+    const uint32_t flag = below[p + 1] - below[p];  // this entry's (> K, == K) bits
+    const bool greater = flag >= 0x10000u, equal = (flag & 0xffffu) != 0;
     const uint32_t b = below[p];
     const int64_t equal_here = b & 0xffffu;
     if (!(greater || (equal && equal_here < quota))) continue;

@@ -217,3 +217,13 @@ def test_profile_e2e_update_phases_cpu():
     for phase in ("forward", "backward", "optimizer", "enqueue total", "wall (drained)"):
         assert f"   {phase}" in stdout, phase
     assert "cProfile of two plain steps" in stdout and "spiel/ops/linear.py" in stdout
+
+
+def test_bench_outer_small_cpu(tmp_path):
+    out_csv = tmp_path / "outer.csv"
+    stdout = _run("bench_outer.py", "--small", "--device", "cpu", "--csv", str(out_csv))
+    assert "threshold multisection of one MA update batch" in stdout
+    rows = _rows(out_csv)
+    timed = {r["provider"] for r in rows if r["ms"] and float(r["ms"]) > 0}
+    assert timed == {"op torch S=63"}, rows
+    assert all("unavailable" in r["note"] for r in rows if r["provider"] not in timed), rows
