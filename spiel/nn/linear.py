@@ -201,7 +201,9 @@ class SparseDeltaLinear(nn.Linear):
         indices: buffer [k] int32 (int64 when out*in >= 2**31), sorted, unique.
         values: ``nn.Parameter`` [k], initially 0.
         candidates / candidate_values: AG candidates (see :meth:`set_candidates`), else None.
-        gradient_probe: None or ``probe(layer, grad_output_2d, input_2d)`` called in backward.
+        gradient_probe: None or ``probe(layer, grad_output_2d, input_2d)`` called in backward (with a true
+            ``gathers_delta_gradient`` attribute: ``probe(layer, grad_output_2d, input_2d, indices)``, which may
+            return the values' gradient; see :func:`spiel.ops.sparse_delta_linear`).
         fp8_weight_grad: False (default); True takes the delta gradient from e4m3 operands
             (:func:`spiel.ops.sddmm_fp8`).
         sddmm_plan: non-persistent buffer, plan of ``indices`` (or ``cat(indices, candidates)``); None where
@@ -393,10 +395,13 @@ class SparseDeltaLinear(nn.Linear):
             self._refresh_merged_entries()
         # the layer holds the op's contract (shapes and dtypes fixed here, indices validated at every index
         # update): skip the functional wrapper's checks, ~40 us of Python per call on a launch-bound step
+        if probe is not None:
+            bound = functools.partial(probe, self)
+            bound.gathers_delta_gradient = getattr(probe, "gathers_delta_gradient", False)
+            probe = bound
         return apply_sparse_delta_linear(
             input, self.compute_weight, self.indices, self.values, self.bias, self.candidates,
-            self.candidate_values, self.sddmm_plan, None if probe is None else functools.partial(probe, self),
-            self.fp8_weight_grad, self.train_merged)
+            self.candidate_values, self.sddmm_plan, probe, self.fp8_weight_grad, self.train_merged)
 
     def extra_repr(self) -> str:
         base = {"bnb": "nf4(bnb)", "nf4": "nf4"}.get(self._base_kind) or str(self.weight.dtype).replace("torch.", "")

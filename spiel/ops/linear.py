@@ -98,12 +98,21 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
             x = x.contiguous()
         need_input, _, _, need_values, need_bias, _, need_candidates = ctx.needs_input_grad[:7]
         grad_input = grad_values = grad_bias = grad_candidates = None
+        fp8 = ctx.fp8_weight_grad and go.dtype != torch.float64
+        # a probe that forms the dense gradient anyway (SpIEL-AG's candidate probe) can hand back the values'
+        # gradient from it: the sddmm below (a second dense GEMM at LoRA-like densities) is then skipped
+        probed, from_probe = False, None
+        if (ctx.probe is not None and need_values and not ctx.has_candidates and not fp8
+                and getattr(ctx.probe, "gathers_delta_gradient", False)):
+            from_probe = ctx.probe(go, x, indices)
+            probed = True
         if need_input:
             merged = _compute_weight(weight, indices, values, go.dtype, ctx.weight_merged)
             grad_input = (go @ merged).view(input.shape)
             del merged
-        if need_values or need_candidates:
-            fp8 = ctx.fp8_weight_grad and go.dtype != torch.float64
+        if from_probe is not None:
+            grad_values = from_probe.to(ctx.values_dtype)
+        elif need_values or need_candidates:
             if ctx.has_candidates and need_candidates:
                 k = indices.shape[0]
                 both = torch.cat([indices, candidates.to(indices.dtype)])
@@ -120,7 +129,7 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
                 grad_values = grads.to(ctx.values_dtype)
         if need_bias:
             grad_bias = go.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        if ctx.probe is not None:
+        if ctx.probe is not None and not probed:
             ctx.probe(go, x)
         return grad_input, None, None, grad_values, grad_bias, None, grad_candidates, None, None, None, None
 
@@ -144,7 +153,10 @@ def sparse_delta_linear(input: torch.Tensor, weight: WeightLike, indices: torch.
         plan: optional ``sddmm_plan`` of ``indices`` (or of ``cat(indices, candidates)`` when candidates
             are given), or a row plan of ``indices`` (``sddmm_plan.build_row_plan``; ignored for candidates).
         probe: optional callable ``probe(grad_output_2d, input_2d)`` run once in backward (candidate
-            selection).
+            selection). A probe whose attribute ``gathers_delta_gradient`` is true is called as
+            ``probe(grad_output_2d, input_2d, indices)`` instead (when the values need a gradient, without
+            candidates or fp8) and may return the fp32 [k] delta gradient at ``indices`` read from the dense
+            gradient it forms: the backward then uses it and skips its own ``sddmm``; None falls back to it.
         validate: check index values (a host sync); default: ``spiel.ops.set_validation``'s setting.
         fp8_weight_grad: take the delta gradient (values and candidates) from e4m3 operands with per-row /
             per-column scales (:func:`spiel.ops.sddmm_fp8`: Hopper fp8 tensor cores, ~0.13 relative error

@@ -58,7 +58,7 @@ def merge_top(pos: torch.Tensor, score: torch.Tensor, k: int) -> Tuple[torch.Ten
 
 @torch.no_grad()
 def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude: Optional[torch.Tensor], k: int,
-                         block_elements: int = 1 << 26) -> Tuple[torch.Tensor, torch.Tensor]:
+                         block_elements: int = 1 << 26, *, gather: Optional[torch.Tensor] = None) -> Tuple:
     """Top-``k`` positions of ``|grad_output^T @ input|`` (the dense weight gradient, fp32) that are not in
     ``exclude``.
 
@@ -70,8 +70,12 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
         exclude: sorted unique int32/int64 flat positions never returned (the active indices), or None.
         k: how many to return; at most ``out * in - len(exclude)``.
         block_elements: the gradient is formed ``max(1, block_elements // in)`` rows at a time.
-    Returns ``(positions int64 [k] ascending, |grad| fp32 [k])``, ties by the smaller position. Memory
-    O(k + len(exclude) + block); no host sync. NaN gradients count as 0 (and +-inf as the largest float).
+        gather: optional int32/int64 flat positions (e.g. the active indices) whose gradient is read from the
+            blocks as they pass: returned as a third element, fp32 [len(gather)] (the blocks' values: rounded to
+            bf16/fp16 on the low-precision path below), so a caller that needs both skips its own GEMM.
+    Returns ``(positions int64 [k] ascending, |grad| fp32 [k])`` (and the gathered gradient), ties by the smaller
+    position. Memory O(k + len(exclude) + len(gather) + block); no host sync. NaN gradients count as 0 (and +-inf
+    as the largest float).
     Why a rounded ranking is enough: rounding only reorders entries within one bf16 step (2**-8 relative) of
     each other, and with several candidates per slot their exact gradients are then accumulated over the AG
     window (with one per slot, the default, this ranking decides which positions regrow).
@@ -90,8 +94,12 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
     block_n = rows_per_block * in_f
     if block_n >= (1 << 31):
         raise ValueError("a gradient block must have fewer than 2**31 elements: lower block_elements")
-    if k == 0:
+    if gather is not None and (not isinstance(gather, torch.Tensor) or gather.dim() != 1
+                               or gather.dtype not in (torch.int32, torch.int64)):
+        raise TypeError("gather must be a 1-D int32/int64 tensor of flat positions")
+    if k == 0 and gather is None:
         return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device))
+    gathered = None if gather is None else torch.zeros(gather.numel(), dtype=torch.float32, device=device)
     low_precision = _uses_low_precision_gemm(grad_output, input)
     x = input if low_precision or input.dtype == torch.float32 else input.float()  # upcast once, not per block
     # one gradient buffer for every block; the selection op reads it (|.|, NaN as 0, the active indices of the
@@ -107,6 +115,12 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
             torch.mm(go.t(), x, out=block.view(r1 - r0, in_f))
         else:
             torch.mm((go if go.dtype == torch.float32 else go.float()).t(), x, out=block.view(r1 - r0, in_f))
+        if gathered is not None and gather.numel():  # the positions inside this block (no host sync: masked)
+            local = gather.long() - r0 * in_f
+            inside = (local >= 0) & (local < n)
+            gathered = torch.where(inside, block.index_select(0, local.clamp_(0, n - 1)).float(), gathered)
+        if k == 0:
+            continue
         # a block with fewer than k entries outside exclude returns some excluded ones at -inf: the merge
         # below never keeps them (k <= out * in - len(exclude) in all)
         local_top, local_score = torch.ops.spiel.select_topk_abs(block, min(k, n), exclude, r0 * in_f)
@@ -116,9 +130,13 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
         if pending > 4 * k and len(tops_pos) > 1:  # bound the kept candidates: O(k) memory
             merged = merge_top(torch.cat(tops_pos), torch.cat(tops_score), k)
             tops_pos, tops_score, pending = [merged[0]], [merged[1]], merged[0].numel()
-    if len(tops_pos) == 1:
-        return tops_pos[0], tops_score[0]
-    return merge_top(torch.cat(tops_pos), torch.cat(tops_score), k)
+    if k == 0:
+        top = (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device))
+    elif len(tops_pos) == 1:
+        top = (tops_pos[0], tops_score[0])
+    else:
+        top = merge_top(torch.cat(tops_pos), torch.cat(tops_score), k)
+    return top if gathered is None else (*top, gathered)
 
 
 # ------------------------------------------------------------------------------------------------ segmented top-k
