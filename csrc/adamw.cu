@@ -136,28 +136,24 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     SPIEL_DISPATCH_FLOAT(m_type, M, what, [&] {
       SPIEL_DISPATCH_COUNT(s_type, S, what, [&] {
         AdamWTensors pack;
-        int count = 0;
-        int64_t largest = 0;
-        auto launch = [&] {
-          const int64_t blocks = std::min(ceil_div(largest, static_cast<int64_t>(kElemsPerCta)), kMaxGridX);
-          adamw_kernel<P, M, S><<<dim3(static_cast<unsigned>(blocks), count), kThreads, 0, stream>>>(pack, h);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          count = 0;
-          largest = 0;
-        };
-        for (size_t i = 0; i < n; ++i) {
-          const int64_t numel = params[i].numel();
-          if (numel == 0) continue;
-          pack.param[count] = params[i].data_ptr();
-          pack.grad[count] = grads[i].data_ptr();
-          pack.exp_avg[count] = exp_avgs[i].data_ptr();
-          pack.exp_avg_sq[count] = exp_avg_sqs[i].data_ptr();
-          pack.step[count] = per_slot ? steps[i].data_ptr() : nullptr;
-          pack.numel[count] = numel;
-          largest = std::max(largest, numel);
-          if (++count == kMaxTensors) launch();
-        }
-        if (count > 0) launch();
+        for_each_tensor_group(
+            n, kMaxTensors,
+            [&](int slot, size_t i) -> int64_t {
+              const int64_t numel = params[i].numel();
+              if (numel == 0) return 0;
+              pack.param[slot] = params[i].data_ptr();
+              pack.grad[slot] = grads[i].data_ptr();
+              pack.exp_avg[slot] = exp_avgs[i].data_ptr();
+              pack.exp_avg_sq[slot] = exp_avg_sqs[i].data_ptr();
+              pack.step[slot] = per_slot ? steps[i].data_ptr() : nullptr;
+              pack.numel[slot] = numel;
+              return numel;
+            },
+            [&](int count, int64_t largest) {
+              const int64_t blocks = std::min(ceil_div(largest, static_cast<int64_t>(kElemsPerCta)), kMaxGridX);
+              adamw_kernel<P, M, S><<<dim3(static_cast<unsigned>(blocks), count), kThreads, 0, stream>>>(pack, h);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
       });
     });
   });

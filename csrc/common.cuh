@@ -178,6 +178,26 @@ inline std::string msg_num(T value) {
   return std::string(buf);
 }
 
+// Multi-tensor launches: `fill(slot, i)` packs tensor i into slot `slot` of a kernel's parameter block and returns
+// its work size (0: nothing to do, the slot stays free); `launch(count, largest)` runs one kernel over the `count`
+// filled slots (`largest`: the biggest work size among them). A launch every `capacity` tensors and one at the end.
+template <typename Fill, typename Launch>
+inline void for_each_tensor_group(size_t n, int capacity, Fill&& fill, Launch&& launch) {
+  int count = 0;
+  int64_t largest = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t work = fill(count, i);
+    if (work == 0) continue;
+    largest = work > largest ? work : largest;
+    if (++count == capacity) {
+      launch(count, largest);
+      count = 0;
+      largest = 0;
+    }
+  }
+  if (count > 0) launch(count, largest);
+}
+
 // Host-side metadata check of the entry points (no sync).
 inline void check_cuda_contig(const at::Tensor& t, const char* what, const char* name) {
   TORCH_CHECK(t.is_cuda(), what, ": ", name, " must be a CUDA tensor");

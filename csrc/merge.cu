@@ -522,28 +522,25 @@ void entries_many_cuda(at::TensorList dense, at::TensorList indices, at::TensorL
     using E = decltype(bits);
     SPIEL_DISPATCH_INDEX(index_type, IdxT, what, [&] {
       EntryTensors pack;
-      int count = 0;
-      int64_t largest = 0;
-      auto launch = [&] {
-        const int64_t blocks =
-            std::min(ceil_div(largest, static_cast<int64_t>(kEntryThreads) * kEntryUnroll), kEntryMaxGridX);
-        entries_many_kernel<E, IdxT, PUT><<<dim3(static_cast<unsigned>(blocks), count), kEntryThreads, 0, stream>>>(pack);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        count = 0;
-        largest = 0;
-      };
-      for (size_t i = 0; i < n; ++i) {
-        const int64_t k = indices[i].numel();
-        if (k == 0) continue;
-        pack.dense[count] = dense[i].data_ptr();
-        pack.indices[count] = indices[i].data_ptr();
-        pack.entries[count] = entries[i].data_ptr();
-        pack.count[count] = k;
-        pack.numel[count] = dense[i].numel();
-        largest = std::max(largest, k);
-        if (++count == kEntryTensors) launch();
-      }
-      if (count > 0) launch();
+      for_each_tensor_group(
+          n, kEntryTensors,
+          [&](int slot, size_t i) -> int64_t {
+            const int64_t k = indices[i].numel();
+            if (k == 0) return 0;
+            pack.dense[slot] = dense[i].data_ptr();
+            pack.indices[slot] = indices[i].data_ptr();
+            pack.entries[slot] = entries[i].data_ptr();
+            pack.count[slot] = k;
+            pack.numel[slot] = dense[i].numel();
+            return k;
+          },
+          [&](int count, int64_t largest) {
+            const int64_t blocks =
+                std::min(ceil_div(largest, static_cast<int64_t>(kEntryThreads) * kEntryUnroll), kEntryMaxGridX);
+            entries_many_kernel<E, IdxT, PUT>
+                <<<dim3(static_cast<unsigned>(blocks), count), kEntryThreads, 0, stream>>>(pack);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
     });
   };
   if (elem == 2) {

@@ -14,6 +14,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+# row-wise helpers shared with spiel.ops' reference backends (which must not import the scheduler)
+from ..ops._rows import chosen_ascending as _chosen_ascending
+from ..ops._rows import device_tensor, rank_rows as _rank_rows, top_abs_rows, true_positions
+
 __all__ = ["top_gradient_entries", "segmented_topk_abs", "top_abs_rows", "merge_top", "union_top",
            "true_positions", "device_tensor"]
 
@@ -21,24 +25,6 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------ small tools
-def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Ascending int64 positions of the ``True`` entries of a 1-D bool ``mask`` that holds exactly ``count`` of
-    them (the caller guarantees it). No host sync: the output size is ``count``."""
-    if mask.dim() != 1 or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a 1-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
-    if count == 0:
-        return torch.empty(0, dtype=torch.int64, device=mask.device)
-    return torch.nonzero_static(mask, size=count).view(-1)
-
-
-def device_tensor(values: Sequence[int], device: torch.device, dtype=torch.int64) -> torch.Tensor:
-    """A small host list as a tensor on ``device`` without a blocking copy (pinned + non_blocking on CUDA)."""
-    t = torch.tensor(list(values), dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _uses_low_precision_gemm(grad_output: torch.Tensor, input: torch.Tensor) -> bool:
     """Whether the probe's gradient blocks come from the bf16/fp16 GEMM (CUDA, same dtypes: fp32 accumulation,
     the block stored in that dtype); otherwise the inputs are upcast to fp32 (always on CPU)."""
@@ -140,38 +126,6 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
 
 
 # ------------------------------------------------------------------------------------------------ segmented top-k
-def _rank_rows(magnitudes: torch.Tensor) -> torch.Tensor:
-    """[L, W] -> per row, the positions by magnitude descending, ties by the smaller position."""
-    return torch.sort(magnitudes, dim=1, descending=True, stable=True).indices
-
-
-def _chosen_ascending(order: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """Flat ascending positions ``l * W + p`` of the first ``counts[l]`` entries of each row of ``order``."""
-    L, width = order.shape
-    device = order.device
-    if len(set(counts)) == 1:
-        by_rank = torch.zeros(L, width, dtype=torch.bool, device=device)
-        by_rank[:, :counts[0]] = True
-    else:
-        by_rank = torch.arange(width, device=device)[None, :] < device_tensor(counts, device)[:, None]
-    chosen = torch.zeros(L, width, dtype=torch.bool, device=device).scatter_(1, order, by_rank)
-    return true_positions(chosen.view(-1), sum(counts))
-
-
-def top_abs_rows(values: torch.Tensor, count: int, *, ascending: bool = False) -> torch.Tensor:
-    """Per row of ``values`` [L, W]: the positions (int64 [L, count]) of the ``count`` largest ``|value|``
-    (compared in fp32, NaN largest), ties by the smaller position; by rank, or ascending. No host sync."""
-    L, width = values.shape
-    if not 0 <= count <= width:
-        raise ValueError(f"count must be in [0, {width}], got {count}")
-    magnitudes = values.float().abs() if values.dtype != torch.float32 else values.abs()
-    order = _rank_rows(magnitudes)
-    if not ascending:
-        return order[:, :count]
-    flat = _chosen_ascending(order, [count] * L)
-    return flat.view(L, count) - (torch.arange(L, device=values.device) * width)[:, None]
-
-
 def segmented_topk_abs(scores: Sequence[torch.Tensor], counts: Sequence[int], *,
                        ascending: bool = False) -> List[torch.Tensor]:
     """For every 1-D tensor ``scores[i]``, the positions (int64) of its ``counts[i]`` largest ``|score|``, ties

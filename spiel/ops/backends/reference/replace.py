@@ -3,6 +3,7 @@ every row by |value|, then a merge of the kept and regrown positions by ``search
 import torch
 
 from ..._dispatch import register_kernel
+from ..._rows import top_abs_rows
 
 
 @register_kernel("drop_regrow_indices", "torch")
@@ -15,11 +16,8 @@ def drop_regrow_indices(values, indices, regrown):
     if n == 0:
         return old.clone(), torch.arange(k, device=device).expand(L, k).contiguous()
     keep = k - n
-    # by |value| descending in fp32 (NaN first), ties by the smaller slot (stable): the first k - n stay
-    magnitudes = torch.stack([v.detach().float().abs() for v in values])
-    by_rank = torch.sort(magnitudes, dim=1, descending=True, stable=True).indices[:, :keep]
-    chosen = torch.zeros(L, k, dtype=torch.bool, device=device).scatter_(1, by_rank, True)
-    kept_slots = torch.nonzero_static(chosen, size=L * keep)[:, 1].view(L, keep)  # row-major: ascending per row
+    # by |value| descending in fp32 (NaN first), ties by the smaller slot (stable): the first k - n stay, ascending
+    kept_slots = top_abs_rows(torch.stack([v.detach().float() for v in values]), keep, ascending=True)
     kept = old.to(torch.int64).gather(1, kept_slots)
     # merged slot of an element: its rank in its own row plus the other row's elements below it
     slot_kept = torch.arange(keep, device=device) + torch.searchsorted(regrown, kept)
