@@ -101,10 +101,13 @@ def top_gradient_entries(grad_output: torch.Tensor, input: torch.Tensor, exclude
             torch.mm(go.t(), x, out=block.view(r1 - r0, in_f))
         else:
             torch.mm((go if go.dtype == torch.float32 else go.float()).t(), x, out=block.view(r1 - r0, in_f))
-        if gathered is not None and gather.numel():  # the positions inside this block (no host sync: masked)
-            local = gather.long() - r0 * in_f
-            inside = (local >= 0) & (local < n)
-            gathered = torch.where(inside, block.index_select(0, local.clamp_(0, n - 1)).float(), gathered)
+        if gathered is not None and gather.numel():
+            if r0 == 0 and r1 == out_f:  # one block holds the whole gradient (7B layers at 2**26): one gather
+                gathered = block.index_select(0, gather).float()
+            else:  # the positions inside this block, masked (no host sync); the probe step is launch-bound
+                local = gather.long() - r0 * in_f
+                inside = (local >= 0) & (local < n)
+                gathered = torch.where(inside, block.index_select(0, local.clamp_(0, n - 1)).float(), gathered)
         if k == 0:
             continue
         # a block with fewer than k entries outside exclude returns some excluded ones at -inf: the merge
