@@ -238,8 +238,8 @@ def spiel_optimizer_and_scheduler(model, mode: str, args, total_steps: int, lr: 
     # long so every update in the window happens, at (almost) the initial drop fraction (the costliest)
     total_steps = max(1000, 10 * total_steps)
     extra = {} if getattr(args, "probe_block_elements", None) is None else {"block_elements": args.probe_block_elements}
-    if getattr(args, "probe_gradient", "reuse") != "reuse":
-        extra["reuse_probe_gradient"] = False
+    if getattr(args, "probe_gradient", "sddmm") == "reuse":
+        extra["reuse_probe_gradient"] = True
     sched = sched_mod.SpielScheduler(model, opt, mode=mode, total_steps=total_steps,
                                      reselection_steps=args.reselection_steps, accumulation_steps=gamma, **extra)
     return opt, sched
@@ -346,8 +346,8 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
             notes.append("per-tensor step counts")
         if getattr(args, "step_in_backward", False):
             notes.append("step in backward")
-        if mode == "ag" and getattr(args, "probe_gradient", "reuse") != "reuse":
-            notes.append("probe step: values' gradient by sddmm")
+        if mode == "ag" and getattr(args, "probe_gradient", "sddmm") == "reuse":
+            notes.append("probe step: values' gradient from the probe's blocks")
         if getattr(args, "probe_block_elements", None) is not None and mode == "ag":
             notes.append(f"probe block {args.probe_block_elements}")
         enable_checkpointing(model)
@@ -523,9 +523,9 @@ def parse_args(argv=None):
     p.add_argument("--sddmm-row-plans", choices=("auto", "off"), default="auto",
                    help="row plans for plan-free layers (the sm90a wgmma delta gradient without a full plan; auto: "
                         "where it runs) or none (cuBLAS bands, as before session 12): an A/B switch")
-    p.add_argument("--probe-gradient", choices=("reuse", "sddmm"), default="reuse",
-                   help="AG probe step: the values' gradient read from the probe's dense blocks (SpielScheduler "
-                        "reuse_probe_gradient=True, default) or from the layer's own sddmm (as before session 15)")
+    p.add_argument("--probe-gradient", choices=("sddmm", "reuse"), default="sddmm",
+                   help="AG probe step: the values' gradient from the layer's own sddmm (default) or read from the "
+                        "probe's dense blocks (SpielScheduler reuse_probe_gradient=True)")
     p.add_argument("--sync-steps", action="store_true",
                    help="synchronise and time every measured step alone (as sessions 1-9 did) instead of timing "
                         "the window as a training loop runs it")

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                    help="spiel optimizers update each layer inside backward and free its gradient")
     p.add_argument("--sddmm-row-plans", choices=("auto", "off"), default="auto",
                    help="row plans for plan-free layers (bench_e2e's A/B switch)")
-    p.add_argument("--probe-gradient", choices=("reuse", "sddmm"), default="reuse",
+    p.add_argument("--probe-gradient", choices=("sddmm", "reuse"), default="sddmm",
                    help="AG probe step: the values' gradient from the probe's blocks or the layer's sddmm")
     p.add_argument("--host", action="store_true",
                    help="also measure the host side of plain steps: device syncs (torch.cuda sync debug mode), the "

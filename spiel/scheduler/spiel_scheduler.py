@@ -170,11 +170,12 @@ class SpielScheduler:
         process_group: torch.distributed group (default: the world, when initialised).
         check_consistency: after each update, verify (one all-gather of checksums) that every rank holds the
             same indices; raises RuntimeError otherwise.
-        reuse_probe_gradient: AG (default True): in the probe's backward, the layer's own delta gradient is read
-            from the probe's dense-gradient blocks instead of a second GEMM (its sddmm): one dense GEMM per layer
-            instead of two on the probe step (~40 ms of a 7B cycle, session 15). On bf16/fp16 models those blocks
-            are rounded to that dtype (the published SpIEL code's dense weight gradient is bf16 at every step), so
-            that one step in S takes the values' gradient in bf16 precision; False keeps the fp32-accumulated sddmm.
+        reuse_probe_gradient: AG, opt-in (default False): in the probe's backward, the layer's own delta gradient
+            is read from the probe's dense-gradient blocks instead of a second GEMM (its sddmm): one dense GEMM per
+            layer instead of two on the probe step (51 ms less GPU work per 7B cycle on an H100; its wall-clock
+            gain was within the host's noise there, session 15). On bf16/fp16 models those blocks are rounded to
+            that dtype (as the published SpIEL code's dense weight gradient is at every step), so one step in S
+            takes the values' gradient in bf16 precision; the default keeps the fp32-accumulated sddmm.
 
     Call :meth:`step` once after every optimizer step (after ``optimizer.step()``, before or after
     ``zero_grad()``). Save/restore with :meth:`state_dict` / :meth:`load_state_dict` together with the model's
@@ -185,7 +186,7 @@ class SpielScheduler:
                  reselection_steps: int = 20, accumulation_steps: int = 5, drop_fraction: float = 0.2,
                  schedule: str = "linear", candidates_per_slot: int = 1, block_elements: int = 1 << 26,
                  grad_scaler=None, process_group=None, check_consistency: bool = False,
-                 reuse_probe_gradient: bool = True):
+                 reuse_probe_gradient: bool = False):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if schedule not in _SCHEDULES:
