@@ -102,6 +102,7 @@ def test_scheduler_probe_step_same_gradient_and_candidates(dtype, device):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        assert sched._probe.gathers_delta_gradient == reuse
         # the probe fired once per layer; with reuse on it handed back the values' gradient
         assert gathered == [reuse, reuse], gathered
         runs[reuse] = (grads, [m.indices.cpu() for m in (model[0], model[2])])

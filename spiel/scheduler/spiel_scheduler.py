@@ -114,9 +114,13 @@ class _Probe:
     """The callable set as ``layer.gradient_probe`` (holds the scheduler weakly). With ``gathers_delta_gradient``
     the layer's backward hands it the active indices and takes their gradient from the probe's blocks."""
 
-    def __init__(self, scheduler: "SpielScheduler", gathers_delta_gradient: bool):
+    def __init__(self, scheduler: "SpielScheduler"):
         self._ref = weakref.ref(scheduler)
-        self.gathers_delta_gradient = gathers_delta_gradient
+
+    @property
+    def gathers_delta_gradient(self) -> bool:  # read at each forward: the scheduler's option may change
+        scheduler = self._ref()
+        return scheduler is not None and scheduler.reuse_probe_gradient
 
     def __call__(self, layer, grad_output, input, indices=None):
         scheduler = self._ref()
@@ -223,7 +227,7 @@ class SpielScheduler:
         self._by_id = {id(layer): (name, layer) for name, layer in self.layers}
         self._by_name = {name: layer for name, layer in self.layers}
         self.reuse_probe_gradient = bool(reuse_probe_gradient)
-        self._probe = _Probe(self, self.reuse_probe_gradient)
+        self._probe = _Probe(self)
         self._armed_for: Optional[int] = None
         self._armed: Dict[str, int] = {}  # layer name -> number of candidates wanted
         self._probe_results: Dict[str, tuple] = {}
