@@ -66,7 +66,7 @@ def write_results(out_dir: str, results: List[RunResult], meta: Dict[str, object
     os.makedirs(out_dir, exist_ok=True)
     table = markdown_table(results, kind)
     seeds = sorted({r.seed for r in results})
-    header = [f"# spiel.finetune results", "",
+    header = ["# spiel.finetune results", "",
               f"command: `{meta.get('command', '')}`", "",
               f"model: {meta.get('model', '')}  ",
               f"data: {meta.get('data', '')} ({meta.get('num_train', '?')} train / "

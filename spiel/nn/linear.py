@@ -12,7 +12,7 @@ import math
 import operator
 import sys
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -295,9 +295,9 @@ class SM3(SparseOptimizerBase):
             torch._foreach_add_(pv, upd, alpha=-lr)
         else:  # bf16/fp16 values: add in fp32, one rounding (as an in-place add of an fp32 update)
             if spare is None:  # (spare: the fp32 buffer the update is not in, free by now)
-                p32, p32v = _fp32_copy(pv, lens, n)
+                _, p32v = _fp32_copy(pv, lens, n)
             else:
-                p32, p32v = spare, list(spare.split(lens))
+                p32v = list(spare.split(lens))
                 torch._foreach_copy_(p32v, pv)
             torch._foreach_add_(p32v, upd, alpha=-lr)
             torch._foreach_copy_(pv, p32v)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
