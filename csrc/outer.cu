@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) outer_threshold_round_kernel(const P
       cur[0] = lo;
       cur[1] = hi;
     }
-    // counters of round + 1: last read by round - 2, which has finished
+    // counters of round + 1: those of round - 2, last read by round - 1, which has finished
     if (threadIdx.x < kMaxSections) P.counts[(((round + 1) % 3) * P.L + layer) * kMaxSections + threadIdx.x] = 0;
   }
   __syncthreads();

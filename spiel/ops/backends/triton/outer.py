@@ -57,7 +57,7 @@ def _round_kernel(rows_ptr, cols_ptr, keys_ptr, row_start_ptr, need_ptr, hi_ptr,
         cur = interval_ptr + ((rnd % 2) * L + layer) * 2
         tl.store(cur, lo)
         tl.store(cur + 1, hi)
-        # the next round's counters: last read by round rnd - 2, which has finished
+        # the next round's counters: those of round rnd - 2, last read by round rnd - 1, which has finished
         tl.store(counts_ptr + (((rnd + 1) % 3) * L + layer) * 64 + s_lane, tl.zeros([LANES], tl.int64))
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)               # [BLOCK_R]
     row_ok = r < m
