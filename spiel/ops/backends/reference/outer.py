@@ -23,8 +23,7 @@ def outer_threshold(rows, cols, keys, row_start, need, hi, sections: int, rounds
     row_base = torch.arange(m, device=rows.device) * n
     positive = rows > 0
     inf = torch.full((), float("inf"), dtype=f64, device=rows.device)  # a fill, not a host-to-device copy
-    lo = torch.zeros(L, dtype=f64, device=rows.device)
-    hi = hi.clone()
+    lo = torch.zeros(L, dtype=f64, device=rows.device)  # hi is rebound each round, never written
     for _ in range(rounds):
         mids = thresholds(lo, hi, sections)                                     # [L, S], non-decreasing
         ratio = torch.where(positive[:, None, :], mids[:, :, None] / rows[:, None, :], inf)  # [L, S, m]
