@@ -50,7 +50,8 @@ def main(argv=None) -> int:
                    help="AG probe step: the values' gradient from the probe's blocks or the layer's sddmm")
     p.add_argument("--host", action="store_true",
                    help="also measure the host side of plain steps: device syncs (torch.cuda sync debug mode), the "
-                        "CPU time to enqueue each phase and a cProfile of the Python")
+                        "CPU time to enqueue each phase and a cProfile of the Python; with --profile-update, the "
+                        "same for the index-update steps (the AG probe step, the reselection step)")
     p.add_argument("--profile-update", action="store_true",
                    help="also profile the index-update steps (the AG probe step through the reselection step, or "
                         "the MA reselection step): kernels and the scheduler's labelled phases")
@@ -153,6 +154,8 @@ def main(argv=None) -> int:
         print(f"  {kind:18s} {max(v):7.2f}")
     if args.profile_update and sched is not None:
         profile_update_steps(step, sync, sched, layers, S, args.top, cuda)
+        if args.host:
+            profile_update_host(step, sync, sched, layers, S, args.top, cuda)
     if not cuda:
         if args.host:
             profile_host(step, sync, args.top, cuda)
@@ -234,6 +237,66 @@ def profile_host(step, sync, top: int, cuda: bool) -> None:
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     print("== host: cProfile of two plain steps (by own time)")
     print("\n".join(line for line in buf.getvalue().splitlines() if line.strip()))
+
+
+def _advance_to(kind, step, sched, layers, S) -> bool:
+    """Run plain steps until the next step is ``kind`` ("probe": a layer has its gradient probe armed;
+    "update": the scheduler's next step changes the indices). False if none came within two cycles."""
+    for _ in range(2 * S + 1):
+        armed = any(b[3] for b in E.layer_signature(layers))
+        if (kind == "probe" and armed) or (kind == "update" and not armed and sched.is_update_step(sched.step_count + 1)):
+            return True
+        step()
+    return False
+
+
+def profile_update_host(step, sync, sched, layers, S, top, cuda) -> None:
+    """The host side of the index-update steps (the AG probe step and the reselection step; MA: the reselection
+    step): device syncs, enqueue time against the drained wall time, and a cProfile by own time. Each
+    measurement takes its own cycle (a probe step happens once per cycle)."""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    kinds = ("probe", "update") if sched.mode == "ag" else ("update",)
+    for kind in kinds:
+        if cuda and _advance_to(kind, step, sched, layers, S):
+            sync()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [str(w.message).splitlines()[0][:120] for w in caught if "called a synchronizing" in str(w.message)]
+            print(f"\n== host, {kind} step: device syncs {len(syncs)}")
+            for line in sorted(set(syncs))[:10]:
+                print(f"   {line}")
+        if not _advance_to(kind, step, sched, layers, S):
+            print(f"== host, {kind} step: none within two cycles")
+            continue
+        marks = {}
+        sync()
+        t0 = time.perf_counter()
+        step(marks=marks)
+        t_end = time.perf_counter()
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3
+        print(f"== host, {kind} step: enqueue {(t_end - t0) * 1e3:.1f} ms, wall (drained) {wall:.1f} ms; phases "
+              + ", ".join(f"{name} {v[0]:.1f}" for name, v in marks.items()))
+        _advance_to(kind, step, sched, layers, S)
+        sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        step()
+        sync()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        print(f"== host, {kind} step: cProfile (by own time)")
+        print("\n".join(line for line in buf.getvalue().splitlines() if line.strip()))
 
 
 def profile_update_steps(step, sync, sched, layers, S, top, cuda) -> None:

@@ -217,6 +217,11 @@ def test_profile_e2e_update_phases_cpu():
     for phase in ("forward", "backward", "optimizer", "enqueue total", "wall (drained)"):
         assert f"   {phase}" in stdout, phase
     assert "cProfile of two plain steps" in stdout and "spiel/ops/linear.py" in stdout
+    # --host with --profile-update: the probe step and the reselection step, each timed and profiled
+    for kind in ("probe", "update"):
+        assert f"== host, {kind} step: enqueue" in stdout, kind
+        assert f"== host, {kind} step: cProfile" in stdout, kind
+    assert "_select.py" in stdout.split("== host, probe step: cProfile")[1].split("== host, update step")[0]
 
 
 def test_bench_outer_small_cpu(tmp_path):
@@ -227,3 +232,23 @@ def test_bench_outer_small_cpu(tmp_path):
     timed = {r["provider"] for r in rows if r["ms"] and float(r["ms"]) > 0}
     assert timed == {"op torch S=63"}, rows
     assert all("unavailable" in r["note"] for r in rows if r["provider"] not in timed), rows
+
+
+@pytest.mark.skipif(not (HAS_TRANSFORMERS and HAS_SPIEL_TRAINING), reason="transformers not installed")
+def test_bench_paired_tiny_cpu(tmp_path):
+    out_csv = tmp_path / "paired.csv"
+    stdout = _run("bench_paired.py", "--model", "tiny", "--device", "cpu", "--rounds", "2", "--window", "4",
+                  "--reselection-steps", "4", "--accumulation-steps", "1",
+                  "--providers", "frozen,published,spiel-ag-merged", "--csv", str(out_csv))
+    assert "paired ratios per round" in stdout
+    rows = _by_provider(_rows(out_csv))
+    assert set(rows) == {"frozen", "published", "spiel-ag-merged"}
+    for name, row in rows.items():
+        extra = json.loads(row["extra"])
+        assert len(extra["window_ms"]) == 2 and all(v > 0 for v in extra["window_ms"]), (name, extra)
+        assert float(row["ms"]) == pytest.approx(sum(extra["window_ms"]) / 2, rel=1e-3)  # the median of two
+    assert float(rows["frozen"]["x_ref"] or 1.0) == pytest.approx(1.0)
+    assert float(rows["spiel-ag-merged"]["x_ref"]) > 0
+    assert "spiel-ag-merged / published" in stdout
+    with pytest.raises(AssertionError, match="at least two"):
+        _run("bench_paired.py", "--model", "tiny", "--device", "cpu", "--providers", "frozen")
