@@ -7,9 +7,9 @@ interleaved, so each ratio compares windows that ran a few seconds apart on the 
 
 Why: on the lent H100 hosts the same provider's step moves by 10-20% between processes (bench_e2e runs one
 process per provider), more than the ratios the targets ask about. Here every provider is built first (the
-7B models side by side: ~45 GiB for the default four), each trains one warm-up window, then each round runs one
-window per provider (the order rotates every round), and the table gives each provider's median window and,
-per round, its ratio to the others; the median and range over rounds is the paired ratio.
+7B models side by side: 55 GiB for the default four), each trains one warm-up window, then each round runs
+one window per provider (the order rotates every round), and the table gives each provider's median window
+and, per round, its ratio to the others; the median and range over rounds is the paired ratio.
 
 A window is one reselection cycle (--window, default S = 20 steps) and starts on a cycle boundary, so a spiel
 window holds exactly one AG probe and one index update: its mean step is what a training loop pays, index
