@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build spiel._C, run the GPU tests, compute-sanitizer on the CUDA kernels and the
 # benchmarks, then print a short summary. Stages (default: all but e2e):
-#   tests/gpu/run.sh [build] [test] [sanitize] [tune] [bench] [e2e] [e2e1b] [e2e70b] [profile]
+#   tests/gpu/run.sh [build] [test] [sanitize] [tune] [bench] [e2e] [paired] [e2e1b] [e2e70b] [profile]
 # (each device call is limited to 10 minutes: build+test+sanitize+tune+bench fit one call, e2e another,
 #  e2e70b + profile a third; every later call needs `build` first on a fresh machine)
 # Logs go to $OUT (default /tmp/spiel-gpu). bitsandbytes wheels in .whl/ are installed to /tmp/site first.
@@ -83,6 +83,14 @@ if has e2e; then
     ${E2E_ARGS:-} >"$OUT/bench_e2e.log" 2>&1; rc=$?
   tail -40 "$OUT/bench_e2e.log"
   note "bench_e2e: rc $rc"
+fi
+
+if has paired; then
+  # the 7B providers in one process, windows interleaved (PAIRED_ARGS: e.g. --providers frozen-nf4,qlora,spiel-nf4)
+  timeout 560 python3 benchmarks/bench_paired.py --model 7b --csv "$OUT/results.csv" ${PAIRED_ARGS:-} \
+    >"$OUT/bench_paired.log" 2>&1; rc=$?
+  tail -25 "$OUT/bench_paired.log"
+  note "bench_paired: rc $rc"
 fi
 
 if has e2e1b; then
