@@ -244,7 +244,8 @@ def _advance_to(kind, step, sched, layers, S) -> bool:
     "update": the scheduler's next step changes the indices). False if none came within two cycles."""
     for _ in range(2 * S + 1):
         armed = any(b[3] for b in E.layer_signature(layers))
-        if (kind == "probe" and armed) or (kind == "update" and not armed and sched.is_update_step(sched.step_count + 1)):
+        update_next = not armed and sched.is_update_step(sched.step_count + 1)
+        if (kind == "probe" and armed) or (kind == "update" and update_next):
             return True
         step()
     return False
