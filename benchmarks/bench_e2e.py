@@ -355,6 +355,20 @@ def setup_provider(name: str, model, shape: dict, args, device, total_steps: int
     raise ValueError(f"unknown provider {name}")
 
 
+def train_step(model, opt, sched, ids):
+    """One training step as a loop runs it (forward, backward, optimizer, scheduler, zero_grad); the loss,
+    detached (no sync)."""
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    if opt is not None:
+        opt.step()
+    if sched is not None:
+        sched.step()
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    return out.loss.detach()
+
+
 def run_provider(name: str, args, device) -> dict:
     """Build, set up and train ``name``; returns the result dict (raises on failure)."""
     shape = dict(SHAPES[args.model])
@@ -389,16 +403,7 @@ def run_provider(name: str, args, device) -> dict:
     static = torch.cuda.memory_allocated(device) if cuda else float("nan")
 
     def step(i):
-        ids = batches[i % len(batches)]
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        if opt is not None:
-            opt.step()
-        if sched is not None:
-            sched.step()
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        return train_step(model, opt, sched, batches[i % len(batches)])
 
     # The measured window runs as a training loop does: no host sync between steps (a sync per step adds a
     # bubble at every step boundary, where spiel's optimizer and scheduler run on the host: 10-16 ms per 7B

@@ -78,17 +78,8 @@ class Provider:
         self.windows = []  # per round: (ms per step, update overhead or nan)
 
     def step(self):
-        ids = self.batches[self.i % len(self.batches)]
         self.i += 1
-        out = self.model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        if self.opt is not None:
-            self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
-        if self.opt is not None:
-            self.opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        return E.train_step(self.model, self.opt, self.sched, self.batches[(self.i - 1) % len(self.batches)])
 
     def window(self, steps: int, device) -> tuple:
         """``steps`` steps as a training loop runs them: (wall ms per step, update overhead, last loss)."""

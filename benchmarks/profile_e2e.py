@@ -188,55 +188,72 @@ def main(argv=None) -> int:
     return 0
 
 
-def profile_host(step, sync, top: int, cuda: bool) -> None:
-    """The host side of plain steps: is the step launch-bound, and where does the CPU time go?"""
+def _syncs_in(step, sync) -> list:
+    """The synchronizing calls of one ``step()`` (the sync debug mode warns at each), first lines."""
+    import warnings
+
+    sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    # (the mode's own "is a prototype feature" notice is not a sync)
+    return [str(w.message).splitlines()[0][:120] for w in caught if "called a synchronizing" in str(w.message)]
+
+
+def _print_syncs(title: str, syncs: list) -> None:
+    print(f"\n== {title}: {len(syncs)}")
+    for line in sorted(set(syncs))[:10]:
+        print(f"   {line}")
+
+
+def _enqueue_and_wall(step, sync, marks: dict) -> tuple:
+    """One ``step(marks=marks)`` on a drained device: (ms until it returns, ms until the device drains)."""
+    sync()
+    t0 = time.perf_counter()
+    step(marks=marks)
+    t_end = time.perf_counter()
+    sync()
+    return (t_end - t0) * 1e3, (time.perf_counter() - t0) * 1e3
+
+
+def _print_cprofile(title: str, step, sync, steps: int, top: int) -> None:
+    """cProfile of ``steps`` steps (device drained before and after), by own time."""
     import cProfile
     import io
     import pstats
-    import warnings
 
-    # 1. device syncs: the sync debug mode warns at each synchronizing call
-    if cuda:
-        sync()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                step()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        # (the mode's own "is a prototype feature" notice is not a sync)
-        syncs = [str(w.message).splitlines()[0][:120] for w in caught
-                 if "called a synchronizing" in str(w.message)]
-        print(f"\n== host: device syncs in one plain step: {len(syncs)}")
-        for line in sorted(set(syncs))[:10]:
-            print(f"   {line}")
-    # 2. CPU time to enqueue each phase, the device drained first (phases run ahead of the GPU unless the launch
-    #    queue fills): the enqueue total against the wall time says whether the step is launch-bound
-    marks = {}
-    for _ in range(3):
-        sync()
-        t0 = time.perf_counter()
-        step(marks=marks)
-        t_end = time.perf_counter()
-        sync()
-        marks.setdefault("enqueue total", []).append((t_end - t0) * 1e3)
-        marks.setdefault("wall (drained)", []).append((time.perf_counter() - t0) * 1e3)
-    print("== host: ms per plain step (median of 3)")
-    for name, v in marks.items():
-        print(f"   {name:16s} {statistics.median(v):8.1f}")
-    # 3. Python: cProfile of two plain steps
     sync()
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(2):
+    for _ in range(steps):
         step()
     sync()
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
-    print("== host: cProfile of two plain steps (by own time)")
+    print(f"== {title} (by own time)")
     print("\n".join(line for line in buf.getvalue().splitlines() if line.strip()))
+
+
+def profile_host(step, sync, top: int, cuda: bool) -> None:
+    """The host side of plain steps: is the step launch-bound, and where does the CPU time go?"""
+    if cuda:  # 1. device syncs
+        _print_syncs("host: device syncs in one plain step", _syncs_in(step, sync))
+    # 2. CPU time to enqueue each phase, the device drained first (phases run ahead of the GPU unless the launch
+    #    queue fills): the enqueue total against the wall time says whether the step is launch-bound
+    marks = {}
+    for _ in range(3):
+        enqueue, wall = _enqueue_and_wall(step, sync, marks)
+        marks.setdefault("enqueue total", []).append(enqueue)
+        marks.setdefault("wall (drained)", []).append(wall)
+    print("== host: ms per plain step (median of 3)")
+    for name, v in marks.items():
+        print(f"   {name:16s} {statistics.median(v):8.1f}")
+    _print_cprofile("host: cProfile of two plain steps", step, sync, 2, top)  # 3. Python
 
 
 def _advance_to(kind, step, sched, layers, S) -> bool:
@@ -255,49 +272,19 @@ def profile_update_host(step, sync, sched, layers, S, top, cuda) -> None:
     """The host side of the index-update steps (the AG probe step and the reselection step; MA: the reselection
     step): device syncs, enqueue time against the drained wall time, and a cProfile by own time. Each
     measurement takes its own cycle (a probe step happens once per cycle)."""
-    import cProfile
-    import io
-    import pstats
-    import warnings
-
     kinds = ("probe", "update") if sched.mode == "ag" else ("update",)
     for kind in kinds:
         if cuda and _advance_to(kind, step, sched, layers, S):
-            sync()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    step()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs = [str(w.message).splitlines()[0][:120] for w in caught if "called a synchronizing" in str(w.message)]
-            print(f"\n== host, {kind} step: device syncs {len(syncs)}")
-            for line in sorted(set(syncs))[:10]:
-                print(f"   {line}")
+            _print_syncs(f"host, {kind} step: device syncs", _syncs_in(step, sync))
         if not _advance_to(kind, step, sched, layers, S):
             print(f"== host, {kind} step: none within two cycles")
             continue
         marks = {}
-        sync()
-        t0 = time.perf_counter()
-        step(marks=marks)
-        t_end = time.perf_counter()
-        sync()
-        wall = (time.perf_counter() - t0) * 1e3
-        print(f"== host, {kind} step: enqueue {(t_end - t0) * 1e3:.1f} ms, wall (drained) {wall:.1f} ms; phases "
+        enqueue, wall = _enqueue_and_wall(step, sync, marks)
+        print(f"== host, {kind} step: enqueue {enqueue:.1f} ms, wall (drained) {wall:.1f} ms; phases "
               + ", ".join(f"{name} {v[0]:.1f}" for name, v in marks.items()))
         _advance_to(kind, step, sched, layers, S)
-        sync()
-        prof = cProfile.Profile()
-        prof.enable()
-        step()
-        sync()
-        prof.disable()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
-        print(f"== host, {kind} step: cProfile (by own time)")
-        print("\n".join(line for line in buf.getvalue().splitlines() if line.strip()))
+        _print_cprofile(f"host, {kind} step: cProfile", step, sync, 1, top)
 
 
 def profile_update_steps(step, sync, sched, layers, S, top, cuda) -> None:
