@@ -593,33 +593,34 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
       const int* dest = dests + buf * 2 * kDestCap;
       const int base0 = in.base0, base1 = in.base1, mode = in.mode;
       const int64_t part = static_cast<int64_t>(in.split) * a.k;
-      // phase 1: every requested entry this thread holds goes to staged[half][rank] in shared memory: per
-      // candidate a bit test, a popcount and a predicated shared store, no dependent global access, and small
-      // code (session 11, calls 8-11, each against its own dense baseline: with a per-entry global path in each
-      // of the 128 unrolled candidates the kernel ran ~8% further behind dense even at 0.1% density; a loop
-      // over the set bits was slow at 2.4%)
+      // phase 1: every requested entry this thread holds goes to staged[half][rank] in shared memory, with no
+      // dependent global access and small, unrolled code: a loop over the set bits (values picked by selects) was
+      // slow at 2.4%, and so were per-entry global paths in the unrolled checks (session 11, calls 8-11). Nearly
+      // every word holds some lane's bit, so every warp runs every word's checks: per block of 8 columns one
+      // popcount gives the rank of the lane's first column and the second adds its bit (independent blocks: a
+      // rank carried along the word was slower, session 17), and the staging-capacity test is one per word.
       bool overflow = false;
+      uint32_t below[4];  // the word's columns before this lane's pair in block jj: 8 jj + 2 cq of them
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) below[jj] = (1u << (8 * jj + 2 * cq)) - 1u;
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         const int row = row_in + 8 * rr;
 #pragma unroll
         for (int wd = 0; wd < kWordsPerRow; ++wd) {  // one bitmap word = 4 n8 blocks of the fragment
           const uint32_t word = bm[row * kWordsPerRow + wd];
-          // this lane's columns in the word: bits 8 jj + 2 cq + e (jj < 4, e < 2)
-          if (((word >> (2 * cq)) & 0x03030303u) == 0u) continue;
+          const uint32_t mine = word >> (2 * cq);  // bit 8 jj + e: this lane's column 8 jj + 2 cq + e of the word
+          if ((mine & 0x03030303u) == 0u) continue;
           const int first = pre[row * kWordsPerRow + wd];
           float* out_half = staged + (wd >> 2) * kDestCap;
+          overflow |= first + __popc(word) > kDestCap;  // a rank of this word may be past the capacity
 #pragma unroll
           for (int jj = 0; jj < 4; ++jj) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int bit = (jj << 3) + (cq << 1) + e;
-              const int rank = first + __popc(word & ((1u << bit) - 1u));
-              if ((word >> bit) & 1u) {
-                if (rank < kDestCap) out_half[rank] = acc[4 * (4 * wd + jj) + 2 * rr + e];
-                overflow |= rank >= kDestCap;
-              }
-            }
+            const int r0 = first + __popc(word & below[jj]);
+            const bool b0 = (mine >> (8 * jj)) & 1u, b1 = (mine >> (8 * jj + 1)) & 1u;
+            const int r1 = r0 + (b0 ? 1 : 0);
+            if (b0 && r0 < kDestCap) out_half[r0] = acc[4 * (4 * wd + jj) + 2 * rr];
+            if (b1 && r1 < kDestCap) out_half[r1] = acc[4 * (4 * wd + jj) + 2 * rr + 1];
           }
         }
       }
