@@ -595,10 +595,12 @@ __global__ void __launch_bounds__(kThreads, 1)  // launched in clusters of kClus
       const int64_t part = static_cast<int64_t>(in.split) * a.k;
       // phase 1: every requested entry this thread holds goes to staged[half][rank] in shared memory, with no
       // dependent global access and small, unrolled code: a loop over the set bits (values picked by selects) was
-      // slow at 2.4%, and so were per-entry global paths in the unrolled checks (session 11, calls 8-11). Nearly
-      // every word holds some lane's bit, so every warp runs every word's checks: per block of 8 columns one
-      // popcount gives the rank of the lane's first column and the second adds its bit (independent blocks: a
-      // rank carried along the word was slower, session 17), and the staging-capacity test is one per word.
+      // slow at 2.4%, and so were per-entry global paths in the unrolled checks (session 11, calls 8-11). At ~2%
+      // density nearly every word holds some lane's bit, so every warp runs every word's checks and their
+      // instruction count is the cost: per block of 8 columns one popcount gives the rank of the lane's first
+      // column and the second adds its bit (independent blocks: a rank carried along the word was slower,
+      // session 17), and the staging-capacity test is one per word (conservative: a false alarm only sends this
+      // thread through the overflow loop below, which skips ranks inside the capacity).
       bool overflow = false;
       uint32_t below[4];  // the word's columns before this lane's pair in block jj: 8 jj + 2 cq of them
 #pragma unroll
