@@ -283,8 +283,10 @@ def profile_update_host(step, sync, sched, layers, S, top, cuda) -> None:
         enqueue, wall = _enqueue_and_wall(step, sync, marks)
         print(f"== host, {kind} step: enqueue {enqueue:.1f} ms, wall (drained) {wall:.1f} ms; phases "
               + ", ".join(f"{name} {v[0]:.1f}" for name, v in marks.items()))
-        _advance_to(kind, step, sched, layers, S)
-        _print_cprofile(f"host, {kind} step: cProfile", step, sync, 1, top)
+        if _advance_to(kind, step, sched, layers, S):  # a later cycle's step of the same kind
+            _print_cprofile(f"host, {kind} step: cProfile", step, sync, 1, top)
+        else:
+            print(f"== host, {kind} step: no second one within two cycles (no cProfile)")
 
 
 def profile_update_steps(step, sync, sched, layers, S, top, cuda) -> None:
